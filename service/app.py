@@ -1,0 +1,315 @@
+"""The Ray Serve application: a thin FastAPI + `@serve.batch` layer around BatchedPredictor.
+
+Per request, on the replica's event loop: read and limit the body, decode and preprocess each
+image (so a bad image fails alone, before it can join a batch), then await the batched method.
+The batched method runs the forward pass in a worker thread, so the event loop keeps accepting
+and decoding requests, and the next batch fills while this one computes.
+"""
+
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import orjson
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model import DEFAULT_BUNDLE, load_bundle
+from service.config import MAX_BATCH_SIZE_LIMIT, BatchingConfig, ServeConfig
+from service.decode import decode_image_bytes
+from service.errors import ApiError, bad_request, not_found
+from service.featuremaps import layer_json, to_npy, to_png_grid
+from service.inputs import ImageRequest, parse_top_k, read_images, single_image
+from service.metrics import ServiceMetrics
+from service.predictor import BatchedPredictor, ItemError, ItemResult, WorkItem, default_warmup_sizes
+
+log = logging.getLogger("convserve")
+
+_IMAGE_BODY = {
+    "required": True,
+    "content": {
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                "required": ["image"],
+            }
+        },
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "images": {"type": "array", "items": {"type": "string", "format": "byte"}, "minItems": 1},
+                    "top_k": {"type": "integer", "minimum": 1},
+                },
+                "required": ["images"],
+            }
+        },
+    },
+}
+
+api = FastAPI(
+    title="convserve",
+    version="1.0",
+    description="Batched CNN inference: classification and feature maps. Errors are JSON "
+    '{"error": {"code": ..., "message": ...}}.',
+)
+
+
+def json_response(obj: dict, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(obj), status_code=status, media_type="application/json", headers=headers)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_request: Request, exc: ApiError) -> Response:
+    return json_response(exc.to_dict(), exc.status, exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_request: Request, exc: RequestValidationError) -> Response:
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "query")
+    return json_response(bad_request("invalid_parameter", f"{where}: {first.get('msg', 'invalid')}").to_dict(), 400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return json_response({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(_request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return json_response({"error": {"code": "internal_error", "message": "internal server error"}}, 500)
+
+
+@serve.deployment(name="ConvServe")
+@serve.ingress(api)
+class ConvServe:
+    def __init__(self, config: dict | None = None):
+        self.config = ServeConfig.from_env(config)
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
+        self.bundle = load_bundle(self.config.bundle_path or DEFAULT_BUNDLE)
+        self.predictor = BatchedPredictor(
+            self.bundle, self.config.device, self.config.amp_dtype, self.config.channels_last
+        )
+        self.layer_names = [info.name for info in self.bundle.layers]
+        self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, self.predictor.device.type)
+        # One forward thread: batches run one after another, while the event loop keeps decoding.
+        self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._apply_batching(self.config.batching)
+        sizes = self.config.warmup_batch_sizes or default_warmup_sizes(self.config.batching.max_batch_size)
+        timings = self.predictor.warmup(sizes)
+        log.info("warm-up done on %s: %s", self.predictor.device, {k: round(v, 4) for k, v in timings.items()})
+        self.ready = True
+
+    # --- Serve hooks --------------------------------------------------------------------
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Live batching changes from the Serve config's user_config."""
+        batching = BatchingConfig.model_validate({**self.config.batching.model_dump(), **(user_config or {})})
+        self.config = self.config.model_copy(update={"batching": batching})
+        self._apply_batching(batching)
+
+    def _apply_batching(self, batching: BatchingConfig) -> None:
+        self._batched.set_max_batch_size(batching.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    def check_health(self) -> None:
+        self.predictor.check_health()
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.004)
+    async def _batched(self, items: list[WorkItem]) -> list[ItemResult | ItemError]:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._forward_pool, self.predictor.predict, items)
+        inference_s = next((r.inference_s for r in results if isinstance(r, ItemResult)), 0.0)
+        self.metrics.batch_done(len(items), inference_s, [started - i.enqueued_at for i in items])
+        return results
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _prepare(self, data: bytes | ItemError, top_k: int, layers: tuple[str, ...]) -> WorkItem | ItemError:
+        """Decode and preprocess one image before it joins a batch."""
+        if isinstance(data, ItemError):
+            return data
+        start = time.perf_counter()
+        try:
+            image = decode_image_bytes(data, self.config.limits.max_image_pixels)
+            tensor = self.bundle.preprocess(image)
+        except ApiError as e:
+            return ItemError(e.code, e.message, e.status)
+        self.metrics.preprocess_seconds.observe(time.perf_counter() - start)
+        return WorkItem(image=tensor, top_k=top_k, layers=layers, enqueued_at=time.perf_counter())
+
+    async def _run(self, prepared: list[WorkItem | ItemError]) -> list[ItemResult | ItemError]:
+        work = [p for p in prepared if isinstance(p, WorkItem)]
+        done = iter(await asyncio.gather(*(self._batched(w) for w in work)))
+        return [next(done) if isinstance(p, WorkItem) else p for p in prepared]
+
+    def _predictions(self, result: ItemResult) -> list[dict]:
+        return [{"label": p.label, "index": p.index, "score": round(p.score, 6)} for p in result.predictions]
+
+    def _headers(self, results: list[ItemResult | ItemError]) -> dict[str, str]:
+        sizes = [r.batch_size for r in results if isinstance(r, ItemResult)]
+        return {"X-Batch-Size": str(max(sizes))} if sizes else {}
+
+    async def _images(self, request: Request, endpoint: str) -> ImageRequest:
+        req = await read_images(request, self.config.limits)
+        self.metrics.images_total.inc(len(req.images), tags={"endpoint": endpoint})
+        return req
+
+    # --- routes -------------------------------------------------------------------------
+
+    @api.post("/v1/classify", openapi_extra={"requestBody": _IMAGE_BODY})
+    async def classify(
+        self, request: Request, top_k: int | None = Query(None, description="how many classes, 1..number of classes")
+    ) -> Response:
+        self.metrics.request_started()
+        status = 500
+        try:
+            req = await self._images(request, "classify")
+            k = parse_top_k(
+                req.top_k if req.top_k is not None else top_k, self.config.limits.default_top_k, len(self.bundle.labels)
+            )
+            prepared = [self._prepare(data, k, ()) for data in req.images]
+            if not req.multi and isinstance(prepared[0], ItemError):
+                err = prepared[0]
+                raise ApiError(err.status, err.code, err.message)
+            results = await self._run(prepared)
+            model_id = self.bundle.model_id
+            if not req.multi:
+                body = {"model": model_id, "predictions": self._predictions(results[0])}
+            else:
+                entries = [
+                    {"predictions": self._predictions(r)}
+                    if isinstance(r, ItemResult)
+                    else {"error": {"code": r.code, "message": r.message}}
+                    for r in results
+                ]
+                body = {"model": model_id, "results": entries}
+            status = 200
+            return json_response(body, headers=self._headers(results))
+        except ApiError as e:
+            status = e.status
+            raise
+        finally:
+            self.metrics.request_finished("classify", status)
+
+    @api.post("/v1/feature-maps", openapi_extra={"requestBody": _IMAGE_BODY})
+    async def feature_maps(
+        self,
+        request: Request,
+        layer: list[str] | None = Query(None, description="layer name; may repeat; all named layers when absent"),
+        format: str = Query("json", description="json | png | npy (png and npy take one layer)"),
+        include: str | None = Query(None, description="'values' adds the maps themselves (base64 float32)"),
+    ) -> Response:
+        self.metrics.request_started()
+        status = 500
+        try:
+            if format not in ("json", "png", "npy"):
+                raise bad_request("invalid_parameter", f"format must be json, png or npy, got {format!r}")
+            if include not in (None, "values"):
+                raise bad_request("invalid_parameter", f"include must be 'values', got {include!r}")
+            layers = tuple(layer) if layer else tuple(self.layer_names)
+            unknown = [name for name in layers if name not in self.layer_names]
+            if unknown:
+                raise not_found("unknown_layer", f"unknown layer {unknown[0]!r}; layers: {', '.join(self.layer_names)}")
+            if format != "json" and len(layers) != 1:
+                raise bad_request("invalid_parameter", f"format={format} takes exactly one layer (?layer=NAME)")
+            req = await self._images(request, "feature-maps")
+            prepared = self._prepare(single_image(req), 1, layers)
+            if isinstance(prepared, ItemError):
+                raise ApiError(prepared.status, prepared.code, prepared.message)
+            result = (await self._run([prepared]))[0]
+            headers = self._headers([result])
+            if format == "png":
+                response = Response(
+                    to_png_grid(result.feature_maps[layers[0]]), media_type="image/png", headers=headers
+                )
+            elif format == "npy":
+                response = Response(
+                    to_npy(result.feature_maps[layers[0]]), media_type="application/octet-stream", headers=headers
+                )
+            else:
+                body = {
+                    "model": self.bundle.model_id,
+                    "layers": [
+                        layer_json(self.bundle.layer(name), result.feature_maps[name], include == "values")
+                        for name in layers
+                    ],
+                }
+                response = json_response(body, headers=headers)
+            status = 200
+            return response
+        except ApiError as e:
+            status = e.status
+            raise
+        finally:
+            self.metrics.request_finished("feature-maps", status)
+
+    @api.get("/v1/model")
+    async def model_info(self) -> Response:
+        b = self.bundle
+        metrics = b.manifest.get("metrics", {})
+        return json_response(
+            {
+                "name": b.name,
+                "version": b.version,
+                "model": b.model_id,
+                "architecture": b.arch,
+                "architecture_args": b.arch_args,
+                "labels": b.labels,
+                "input_size": b.preprocess.input_size,
+                "layers": [info.to_dict() for info in b.layers],
+                "weights_sha256": b.weights_sha256,
+                "accuracy": {k: v for k, v in metrics.items() if "top1" in k},
+                "device": self.predictor.device.type,
+                "batching": self.config.batching.model_dump(),
+            }
+        )
+
+    @api.get("/healthz")
+    async def healthz(self) -> Response:
+        return json_response({"status": "ok"})
+
+    @api.get("/readyz")
+    async def readyz(self) -> Response:
+        if getattr(self, "ready", False):
+            return json_response({"status": "ready", "model": self.bundle.model_id})
+        return json_response({"error": {"code": "not_ready", "message": "model is loading"}}, 503)
+
+
+def deployment_options(config: ServeConfig) -> dict:
+    """Serve deployment options from the typed config (the Serve config file may override)."""
+    actor_options: dict = {"num_cpus": config.num_cpus}
+    if config.num_gpus:
+        actor_options["num_gpus"] = config.num_gpus
+    return {
+        "num_replicas": config.num_replicas,
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "max_queued_requests": config.max_queued_requests,
+        "ray_actor_options": actor_options,
+        "user_config": config.batching.model_dump(),
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": 20,
+    }
+
+
+def build_app(args: dict | None = None) -> serve.Application:
+    """Application builder: `serve run service.app:build_app` or a Serve config `import_path`."""
+    config = ServeConfig.from_env(args or {})
+    settings = config.model_dump(exclude_unset=False)
+    return ConvServe.options(**deployment_options(config)).bind(settings)

@@ -1,0 +1,102 @@
+"""All of convserve's settings, in one typed place.
+
+Values come from (lowest to highest precedence): the defaults below, the Serve config file's
+deployment `user_config` / application `args` (see deploy/serve_config.yaml), and environment
+variables named `CONVSERVE_<FIELD>` (for example `CONVSERVE_BUNDLE_PATH`,
+`CONVSERVE_MAX_BATCH_SIZE`). Units are in the names.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MiB = 1024 * 1024
+MAX_BATCH_SIZE_LIMIT = 1024
+
+
+class Limits(BaseModel):
+    """What one request may ask of the service. Each refusal is a 4xx with a JSON error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(8 * MiB, gt=0, description="413 above this many request-body bytes")
+    max_image_pixels: int = Field(
+        40_000_000, gt=0, description="413 for an image declaring more pixels (checked before decoding)"
+    )
+    max_images_per_request: int = Field(64, gt=0, description="413 for a multi-image request with more")
+    default_top_k: int = Field(5, gt=0, description="top_k when the request gives none")
+
+
+class BatchingConfig(BaseModel):
+    """Dynamic batching knobs; changeable at run time through the deployment's user_config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(32, gt=0, le=MAX_BATCH_SIZE_LIMIT, description="images per forward pass, at most")
+    batch_wait_timeout_s: float = Field(
+        0.004, ge=0, le=1.0, description="how long the first request of a batch waits for company"
+    )
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # The model
+    bundle_path: str | None = Field(None, description="bundle directory; None = the embedded default model")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp_dtype: Literal["bf16", "fp16", "off"] = Field("bf16", description="autocast dtype on CUDA (CPU: float32)")
+    channels_last: bool = True
+    torch_threads: int | None = Field(None, gt=0, description="intra-op threads per replica; None = per CPU")
+    warmup_batch_sizes: list[int] | None = Field(None, description="None = powers of two up to max_batch_size")
+
+    # Batching and concurrency
+    batching: BatchingConfig = BatchingConfig()
+    max_ongoing_requests: int = Field(128, gt=0, description="per replica; must exceed max_batch_size")
+    max_queued_requests: int = Field(512, ge=-1, description="per deployment handle; -1 = unbounded")
+
+    # Replicas
+    num_replicas: int = Field(1, gt=0)
+    num_cpus: float = Field(1.0, ge=0, description="ray_actor_options.num_cpus per replica")
+    num_gpus: float = Field(0.0, ge=0, description="ray_actor_options.num_gpus per replica (fractions allowed)")
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    metrics_export_port: int = Field(8080, gt=0, lt=65536)
+    request_timeout_s: float = Field(30.0, gt=0)
+    ingress: Literal["auto", "proxy", "haproxy"] = Field(
+        "auto", description="auto = HAProxy when a haproxy binary is available, else Ray's Python proxy"
+    )
+
+    limits: Limits = Limits()
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.max_ongoing_requests < self.batching.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size "
+                f"({self.batching.max_batch_size}), or batches can never fill"
+            )
+        return self
+
+    @classmethod
+    def from_env(cls, base: dict | None = None, environ: dict[str, str] | None = None) -> ServeConfig:
+        """`base` (e.g. Serve config args) overridden by CONVSERVE_* environment variables."""
+        environ = os.environ if environ is None else environ
+        data = dict(base or {})
+        batching = dict(data.pop("batching", {}) or {})
+        limits = dict(data.pop("limits", {}) or {})
+        for key, value in environ.items():
+            if not key.startswith("CONVSERVE_"):
+                continue
+            field = key[len("CONVSERVE_") :].lower()
+            if field in BatchingConfig.model_fields:
+                batching[field] = value
+            elif field in Limits.model_fields:
+                limits[field] = value
+            elif field in cls.model_fields:
+                data[field] = value.split(",") if field == "warmup_batch_sizes" else value
+        return cls.model_validate({**data, "batching": batching, "limits": limits})

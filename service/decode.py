@@ -1,0 +1,129 @@
+"""Encoded image bytes -> uint8 tensor [3, H, W], refusing what should not be decoded.
+
+JPEG, the common case, takes torchvision's libjpeg-turbo decoder (with EXIF orientation).
+Every other format (PNG, GIF, WebP, BMP, TIFF, and JPEGs libjpeg-turbo cannot take, such as
+CMYK) goes through Pillow, which also gives the first frame of animations and multi-page files.
+The pixel count is read from the header and checked against the limit before any decoding,
+so a small file that declares a huge image (a decompression bomb) costs nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from service.errors import ApiError, invalid_image, too_large
+
+Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit, before decoding, with a 413
+
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format from the first bytes, or None when it is not one we decode."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    for signature, fmt in _SIGNATURES:
+        if data.startswith(signature):
+            return fmt
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame marker, or None if none is found."""
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
+            height = int.from_bytes(data[i + 5 : i + 7], "big")
+            width = int.from_bytes(data[i + 7 : i + 9], "big")
+            return width, height
+        i += 2 + length
+    return None
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise invalid_image(f"image declares an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise too_large(
+            "image_too_large",
+            f"image declares {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+        )
+
+
+def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """Any Pillow mode -> uint8 [3, H, W] RGB."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / 32-bit gray: scale, don't clip
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        gray = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(gray)).unsqueeze(0).expand(3, -1, -1).contiguous()
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)  # transparent pixels become white, not black
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+
+
+def _decode_with_pillow(data: bytes, max_pixels: int) -> torch.Tensor:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            _check_pixels(img.width, img.height, max_pixels)
+            img.seek(0)  # first frame of an animation or first page of a multi-page file
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            return _pil_to_tensor(img)
+    except ApiError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        raise invalid_image(f"cannot decode image: {e}") from None
+    except Exception as e:  # noqa: BLE001 - Pillow raises a zoo of exceptions on hostile input
+        raise invalid_image(f"cannot decode image ({type(e).__name__})") from None
+
+
+def decode_image_bytes(data: bytes, max_pixels: int) -> torch.Tensor:
+    """Decode one encoded image to uint8 RGB [3, H, W]; ApiError (400/413) when it cannot be."""
+    if not data:
+        raise invalid_image("empty image: the request carried no image bytes")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise invalid_image("not an image in a supported format (JPEG, PNG, GIF, WebP, BMP, TIFF)")
+    if fmt == "jpeg":
+        size = _jpeg_size(data)
+        if size is None:
+            raise invalid_image("cannot decode image: JPEG without a frame header (truncated?)")
+        _check_pixels(size[0], size[1], max_pixels)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # libjpeg's "premature end of data" is a failure here
+                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                return decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except Exception:  # noqa: BLE001
+            pass  # CMYK and other JPEGs libjpeg-turbo declines; Pillow decides below
+    return _decode_with_pillow(data, max_pixels)

@@ -1,0 +1,174 @@
+"""The batched predictor: plain PyTorch, no Ray, no HTTP.
+
+A batch function in the LitServe sense: it takes a list of work items and returns a list of
+the same length, one result per item, or an error object for an item that could not be served.
+One forward pass serves the whole batch, and captures in the same pass the intermediate
+feature maps that any item of the batch asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from model.bundle import Bundle
+from model.layers import capture
+
+log = logging.getLogger(__name__)
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+@dataclass
+class WorkItem:
+    """One preprocessed image and what the caller wants from it."""
+
+    image: torch.Tensor  # normalised float32 [3, S, S] from the bundle's EvalPreset
+    top_k: int = 5
+    layers: tuple[str, ...] = ()  # feature maps to return, by layer name
+    enqueued_at: float = 0.0  # time.perf_counter() when it was handed to the batcher
+
+
+@dataclass
+class Prediction:
+    label: str
+    index: int
+    score: float
+
+
+@dataclass
+class ItemResult:
+    predictions: list[Prediction]
+    feature_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> float32 CPU tensor
+    batch_size: int = 1
+    inference_s: float = 0.0
+
+
+@dataclass
+class ItemError:
+    code: str
+    message: str
+    status: int = 400
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+class BatchedPredictor:
+    """Wraps a loaded bundle; `predict(items)` runs one forward pass for the whole list."""
+
+    def __init__(self, bundle: Bundle, device: str = "auto", amp_dtype: str = "bf16", channels_last: bool = True):
+        self.bundle = bundle
+        self.device = pick_device(device)
+        self.channels_last = channels_last
+        self.layer_names = [info.name for info in bundle.layers]
+        # CPU runs float32: bf16 autocast changes results and is slower on CPUs without bf16 units.
+        self.amp_dtype = _AMP_DTYPES[amp_dtype] if self.device.type == "cuda" else None
+        model = bundle.model.eval().to(self.device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # pick the fastest kernels per batch shape (warm-up does it)
+
+    # --- the batch function -------------------------------------------------------------
+
+    def predict(self, items: list[WorkItem]) -> list[ItemResult | ItemError]:
+        """One result per item, in order. Items are validated upstream; this never sees bytes."""
+        if not items:
+            return []
+        results: list[ItemResult | ItemError] = [
+            ItemError("invalid_input", f"expected a float tensor [3, S, S], got {tuple(i.image.shape)}")
+            if not self._fits(i.image)
+            else None
+            for i in items
+        ]
+        valid = [i for i, r in enumerate(results) if r is None]
+        if valid:
+            outputs = self._forward([items[i] for i in valid])
+            for i, out in zip(valid, outputs, strict=True):
+                results[i] = out
+        return results
+
+    def _fits(self, image: torch.Tensor) -> bool:
+        size = self.bundle.preprocess.input_size
+        return image.dtype == torch.float32 and tuple(image.shape) == (3, size, size)
+
+    def _forward(self, items: list[WorkItem]) -> list[ItemResult]:
+        n = len(items)
+        wanted = sorted({name for item in items for name in item.layers}, key=self.layer_names.index)
+        batch = torch.stack([item.image for item in items])
+        start = time.perf_counter()
+        x = self._to_device(batch)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            logits, maps = capture(self.model, wanted, x)
+            probs = torch.softmax(logits.float(), dim=1)
+            k = min(max(item.top_k for item in items), probs.shape[1])
+            scores, indices = probs.topk(k, dim=1)
+            scores, indices = scores.cpu().tolist(), indices.cpu().tolist()
+            # A model with built-in test-time augmentation runs 2N images; the first N are the originals.
+            maps = {name: m[:n].float().cpu() for name, m in maps.items()}
+        elapsed = time.perf_counter() - start
+        labels = self.bundle.labels
+        results = []
+        for row, item in enumerate(items):
+            preds = [
+                Prediction(labels[j], j, s)
+                for j, s in zip(indices[row][: item.top_k], scores[row][: item.top_k], strict=True)
+            ]
+            fmaps = {name: maps[name][row] for name in item.layers}
+            results.append(ItemResult(predictions=preds, feature_maps=fmaps, batch_size=n, inference_s=elapsed))
+        return results
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)  # async copy from page-locked memory
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def warmup(self, batch_sizes: list[int]) -> dict[int, float]:
+        """Run each batch size once (cudnn autotuning, oneDNN primitive caches); seconds per size."""
+        size = self.bundle.preprocess.input_size
+        timings = {}
+        for bs in batch_sizes:
+            items = [WorkItem(torch.zeros(3, size, size), top_k=1, layers=()) for _ in range(bs)]
+            start = time.perf_counter()
+            self.predict(items)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            timings[bs] = time.perf_counter() - start
+        return timings
+
+    def check_health(self) -> None:
+        """A tiny forward pass; raises if the model no longer produces finite scores."""
+        size = self.bundle.preprocess.input_size
+        result = self.predict([WorkItem(torch.zeros(3, size, size), top_k=1)])[0]
+        if not isinstance(result, ItemResult) or not all(
+            p.score == p.score and 0.0 <= p.score <= 1.0 for p in result.predictions
+        ):
+            raise RuntimeError("health check forward pass produced no valid scores")
+
+
+def default_warmup_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... up to and including max_batch_size."""
+    sizes, bs = [], 1
+    while bs < max_batch_size:
+        sizes.append(bs)
+        bs *= 2
+    sizes.append(max_batch_size)
+    return sizes

