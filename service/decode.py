@@ -87,8 +87,8 @@ def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
         img = Image.alpha_composite(background, img)  # transparent pixels become white, not black
     if img.mode != "RGB":
         img = img.convert("RGB")
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    arr = np.array(img, dtype=np.uint8)  # a writable copy that torch may own
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 def _decode_with_pillow(data: bytes, max_pixels: int) -> torch.Tensor:

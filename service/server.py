@@ -64,6 +64,9 @@ def configure_ingress_env(ingress: str, binary: str | None, port: int) -> None:
         # Direct ingress waits 30 s by default before a replica stops, for load balancers in front
         # of many nodes to notice; one local node has none, and Ctrl-C should not take half a minute.
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+        # Ray's internal fallback proxy ports follow our port, so two servers on one host don't clash.
+        os.environ.setdefault("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", str(port + 500))
+        os.environ.setdefault("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", str(port + 1500))
     else:
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
 

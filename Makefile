@@ -1,0 +1,43 @@
+# convserve: `make serve` serves the embedded model, `make test` runs the tests.
+# Both set up the virtual environment first (Python 3.11, pip packages from pyproject.toml).
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DATA   ?= ../shared/datasets/cifar10
+BUNDLE ?= model/bundles/convservenet-cifar10
+ARGS   ?=
+
+.PHONY: setup serve test test-all train evaluate lint format clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3.11 -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+serve: setup
+	$(PY) -m service $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup
+	$(PY) -m pytest -q
+
+train: setup
+	$(PY) -m model.train --train-data $(DATA)/cifar10-train.tar.gz --val-data $(DATA)/cifar10-val.tar.gz \
+		--out $(BUNDLE) --tta-flip $(ARGS)
+
+evaluate: setup
+	$(PY) -m model.evaluate --bundle $(BUNDLE) --data $(DATA)/cifar10-val.tar.gz --confusion-png runs/confusion.png
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs
