@@ -6,7 +6,6 @@ The batched method runs the forward pass in a worker thread, so the event loop k
 and decoding requests, and the next batch fills while this one computes.
 """
 
-
 import asyncio
 import logging
 import time
@@ -93,7 +92,8 @@ async def _internal_error(_request: Request, exc: Exception) -> Response:
     return json_response({"error": {"code": "internal_error", "message": "internal server error"}}, 500)
 
 
-@serve.deployment(name="ConvServe")
+# Defaults for a bare `serve run service.app:build_app`; deploy/serve_config.yaml sets the real ones.
+@serve.deployment(name="ConvServe", max_ongoing_requests=128, max_queued_requests=512)
 @serve.ingress(api)
 class ConvServe:
     def __init__(self, config: dict | None = None):
@@ -291,25 +291,12 @@ class ConvServe:
         return json_response({"error": {"code": "not_ready", "message": "model is loading"}}, 503)
 
 
-def deployment_options(config: ServeConfig) -> dict:
-    """Serve deployment options from the typed config (the Serve config file may override)."""
-    actor_options: dict = {"num_cpus": config.num_cpus}
-    if config.num_gpus:
-        actor_options["num_gpus"] = config.num_gpus
-    return {
-        "num_replicas": config.num_replicas,
-        "max_ongoing_requests": config.max_ongoing_requests,
-        "max_queued_requests": config.max_queued_requests,
-        "ray_actor_options": actor_options,
-        "user_config": config.batching.model_dump(),
-        "health_check_period_s": 10,
-        "health_check_timeout_s": 30,
-        "graceful_shutdown_timeout_s": 20,
-    }
+def build_app(args: dict | None = None, options: dict | None = None) -> serve.Application:
+    """Application builder: the Serve config's `import_path` (its `args` arrive here).
 
-
-def build_app(args: dict | None = None) -> serve.Application:
-    """Application builder: `serve run service.app:build_app` or a Serve config `import_path`."""
+    `options` are deployment options (see service/serve_config.py); under `serve deploy` Ray
+    applies the config file's `deployments` section itself.
+    """
     config = ServeConfig.from_env(args or {})
-    settings = config.model_dump(exclude_unset=False)
-    return ConvServe.options(**deployment_options(config)).bind(settings)
+    deployment = ConvServe.options(**options) if options else ConvServe
+    return deployment.bind(config.model_dump())

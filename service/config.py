@@ -1,9 +1,13 @@
 """All of convserve's settings, in one typed place.
 
-Values come from (lowest to highest precedence): the defaults below, the Serve config file's
-deployment `user_config` / application `args` (see deploy/serve_config.yaml), and environment
-variables named `CONVSERVE_<FIELD>` (for example `CONVSERVE_BUNDLE_PATH`,
-`CONVSERVE_MAX_BATCH_SIZE`). Units are in the names.
+`ServeConfig` is the application's own settings. Values come from (lowest to highest
+precedence): the defaults below, the application `args` of the Serve config file
+(deploy/serve_config.yaml), and environment variables named `CONVSERVE_<FIELD>` (for example
+`CONVSERVE_BUNDLE_PATH`, `CONVSERVE_MAX_BATCH_SIZE`). Batching is also live-tunable through the
+deployment's `user_config`. Replica options (replicas, autoscaling, CPUs/GPUs per replica,
+max_ongoing_requests, max_queued_requests) are Ray Serve's and live in the Serve config file's
+`deployments` section, validated by Ray's own schema (see service/serve_config.py).
+Units are in the names.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 MiB = 1024 * 1024
 MAX_BATCH_SIZE_LIMIT = 1024
@@ -52,15 +56,8 @@ class ServeConfig(BaseModel):
     torch_threads: int | None = Field(None, gt=0, description="intra-op threads per replica; None = per CPU")
     warmup_batch_sizes: list[int] | None = Field(None, description="None = powers of two up to max_batch_size")
 
-    # Batching and concurrency
+    # Batching defaults (the deployment's user_config overrides them, live)
     batching: BatchingConfig = BatchingConfig()
-    max_ongoing_requests: int = Field(128, gt=0, description="per replica; must exceed max_batch_size")
-    max_queued_requests: int = Field(512, ge=-1, description="per deployment handle; -1 = unbounded")
-
-    # Replicas
-    num_replicas: int = Field(1, gt=0)
-    num_cpus: float = Field(1.0, ge=0, description="ray_actor_options.num_cpus per replica")
-    num_gpus: float = Field(0.0, ge=0, description="ray_actor_options.num_gpus per replica (fractions allowed)")
 
     # HTTP
     host: str = "127.0.0.1"
@@ -72,15 +69,6 @@ class ServeConfig(BaseModel):
     )
 
     limits: Limits = Limits()
-
-    @model_validator(mode="after")
-    def _check(self) -> ServeConfig:
-        if self.max_ongoing_requests < self.batching.max_batch_size:
-            raise ValueError(
-                f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size "
-                f"({self.batching.max_batch_size}), or batches can never fill"
-            )
-        return self
 
     @classmethod
     def from_env(cls, base: dict | None = None, environ: dict[str, str] | None = None) -> ServeConfig:

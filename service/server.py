@@ -16,6 +16,13 @@ import sys
 import threading
 
 from service.config import ServeConfig
+from service.serve_config import (
+    DEFAULT_SERVE_CONFIG,
+    app_entry,
+    deployment_entry,
+    deployment_options,
+    load_serve_config,
+)
 
 log = logging.getLogger("convserve.server")
 
@@ -78,25 +85,40 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: 8000)")
     p.add_argument("--metrics-port", type=int, default=None, help="Ray metrics export port (default: 8080)")
     p.add_argument("--ingress", choices=["auto", "proxy", "haproxy"], default=None, help="(default: auto)")
+    p.add_argument("--serve-config", default=str(DEFAULT_SERVE_CONFIG), help="Serve config file (default: %(default)s)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may use (default: all)")
-    p.add_argument("--replicas", type=int, default=None, help="replicas (default: 1)")
+    p.add_argument("--replicas", type=int, default=None, help="fixed replica count (default: the file's autoscaling)")
+    p.add_argument("--replica-cpus", type=float, default=None, help="CPUs per replica (default: the file's)")
+    p.add_argument("--replica-gpus", type=float, default=None, help="GPUs per replica, fractions allowed")
     return p.parse_args(argv)
 
 
 def config_from_args(a: argparse.Namespace) -> ServeConfig:
+    """The file's application args, then CONVSERVE_* env vars, then command-line flags."""
+    doc = load_serve_config(a.serve_config)
     overrides = {
         "bundle_path": a.bundle,
         "host": a.host,
         "port": a.port,
         "metrics_export_port": a.metrics_port,
         "ingress": a.ingress,
-        "num_replicas": a.replicas,
     }
-    config = ServeConfig.from_env()
+    args = {**(app_entry(doc).get("args") or {})}
+    args.setdefault("batching", deployment_entry(doc).get("user_config") or {})
+    args.setdefault("request_timeout_s", (doc.get("http_options") or {}).get("request_timeout_s", 30))
+    config = ServeConfig.from_env(args)
     return config.model_validate({**config.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
 
 
-def serve_forever(config: ServeConfig, num_cpus: float | None = None) -> int:
+def options_from_args(a: argparse.Namespace, config: ServeConfig) -> dict:
+    overrides = {"num_replicas": a.replicas, "num_cpus": a.replica_cpus, "num_gpus": a.replica_gpus}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    # The file's user_config with CONVSERVE_MAX_BATCH_SIZE / _BATCH_WAIT_TIMEOUT_S applied.
+    overrides["user_config"] = config.batching.model_dump()
+    return deployment_options(load_serve_config(a.serve_config), overrides)
+
+
+def serve_forever(config: ServeConfig, options: dict, num_cpus: float | None = None) -> int:
     ingress, binary = resolve_ingress(config.ingress)
     configure_ingress_env(ingress, binary, config.port)
 
@@ -121,7 +143,7 @@ def serve_forever(config: ServeConfig, num_cpus: float | None = None) -> int:
         serve.start(
             http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s}
         )
-        serve.run(build_app(config.model_dump()), name="convserve", route_prefix="/", blocking=False)
+        serve.run(build_app(config.model_dump(), options), name="convserve", route_prefix="/", blocking=False)
         where = f"http://{config.host}:{config.port}"
         print(
             f"convserve: ready on {where} (ingress: {ingress}{' ' + binary if binary else ''}); "
@@ -141,7 +163,8 @@ def serve_forever(config: ServeConfig, num_cpus: float | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
-    return serve_forever(config_from_args(a), a.num_cpus)
+    config = config_from_args(a)
+    return serve_forever(config, options_from_args(a, config), a.num_cpus)
 
 
 if __name__ == "__main__":
