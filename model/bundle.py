@@ -60,6 +60,8 @@ def sha256_file(path: Path) -> str:
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:  # no commit yet (git still echoes "HEAD" on stdout) or not a repository
+            return None
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

@@ -60,6 +60,12 @@ class ServiceMetrics:
         self.inflight_requests = Gauge(
             "convserve_inflight_requests", description="Requests being handled by this replica right now."
         )
+        # Ray's node metrics (ray_node_gpus_utilization, ray_node_gram_used) cover the whole GPU;
+        # this is what this replica's PyTorch holds.
+        self.gpu_memory_allocated_bytes = Gauge(
+            "convserve_gpu_memory_allocated_bytes",
+            description="GPU memory held by this replica's tensors (0 on CPU replicas).",
+        )
         self._inflight = 0
 
     def request_started(self) -> None:
@@ -76,3 +82,9 @@ class ServiceMetrics:
         self.inference_seconds.observe(inference_s)
         for wait in queue_waits_s:
             self.queue_wait_seconds.observe(wait)
+        if self.device == "cuda":
+            import torch
+
+            self.gpu_memory_allocated_bytes.set(torch.cuda.memory_allocated())
+        else:
+            self.gpu_memory_allocated_bytes.set(0)  # exported on CPU replicas too, so dashboards resolve

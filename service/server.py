@@ -150,6 +150,8 @@ def serve_forever(config: ServeConfig, options: dict, num_cpus: float | None = N
             f"metrics on http://127.0.0.1:{config.metrics_export_port}/metrics; Ctrl-C stops",
             flush=True,
         )
+        # For `ray.init(address=...)` + `serve.status()` from another process (tests, operators).
+        print(f"convserve: ray address {ray.get_runtime_context().gcs_address}", flush=True)
         stop.wait()
         print("convserve: stopping", flush=True)
     finally:

@@ -3,9 +3,15 @@
 Markers (`slow`, `integration`) are registered in pyproject.toml.
 """
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Ray clusters started for tests use token authentication (Ray's default for a new local
+# cluster, token in ~/.ray/auth_token). Say so before anything imports ray, so that a test can
+# attach a second driver (ray.init(address=...)) to a service's cluster to read serve.status().
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -29,7 +30,7 @@ from model import (
     named_layers,
     save_bundle,
 )
-from model.bundle import CONVSERVE_ARCH, MANIFEST_FILE, WEIGHTS_FILE
+from model.bundle import CONVSERVE_ARCH, MANIFEST_FILE, WEIGHTS_FILE, git_commit
 from model.data import load_image_folder
 from model.evaluate import accuracy, predict_logits
 from model.presets import CIFAR10_MEAN, CIFAR10_STD
@@ -418,6 +419,15 @@ def test_torchvision_bundle_round_trip(tmp_path):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert torch.equal(net(x), bundle.model(x))
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_git_commit_is_a_hash_or_none(tmp_path, monkeypatch):
+    commit = git_commit()  # the test runs inside the repository, which may have no commit yet
+    assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit), commit
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    assert git_commit() is None  # a repository without commits: `git rev-parse HEAD` prints "HEAD" and fails
 
 
 #############################################

@@ -295,3 +295,94 @@ def test_served_predictions_equal_offline_evaluation(service, bundle):
         top = result["predictions"][0]
         assert top["index"] == int(probs[row].argmax())
         assert abs(top["score"] - float(probs[row].max())) < 1e-4
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "convserve-dashboard.json"
+# Ray's node GPU metrics exist only on nodes with a GPU.
+GPU_ONLY_METRICS = {"ray_node_gram_used", "ray_node_gpus_utilization"}
+
+
+def scrape(service) -> dict[str, list]:
+    """Sample name -> [(labels, value)] from the running service's Prometheus endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10).text
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == val for k, val in labels.items()))
+
+
+def wait_for(predicate, timeout_s: float = 60.0):
+    """Ray exports metrics every few seconds: poll until `predicate(scrape)` holds."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        last = predicate()
+        if last or time.monotonic() > deadline:
+            return last
+        time.sleep(1.0)
+
+
+def test_metrics_move_by_the_expected_amounts(service):
+    before = scrape(service)
+    images_before = total(before, "ray_convserve_images_total", endpoint="classify")
+    ok_before = total(before, "ray_convserve_requests_total", endpoint="classify", status="200")
+    bad_before = total(before, "ray_convserve_requests_total", endpoint="classify", status="415")
+    multi_before = total(before, "ray_convserve_batch_size_count") - total(
+        before, "ray_convserve_batch_size_bucket", le="1.0"
+    )
+    preprocess_before = total(before, "ray_convserve_preprocess_seconds_count")
+
+    images = fixture_jpegs(8)
+    for _, jpeg in images[:7]:
+        assert classify(service, jpeg).status_code == 200
+    assert classify(service, images[0][1], "text/plain").status_code == 415
+    with ThreadPoolExecutor(8) as pool:
+        sizes = [int(r.headers["x-batch-size"]) for r in pool.map(lambda i: classify(service, i[1]), images)]
+    assert max(sizes) > 1
+
+    def moved():
+        now = scrape(service)
+        done = total(now, "ray_convserve_images_total", endpoint="classify") >= images_before + 15
+        return now if done and total(now, "ray_convserve_batch_size_count") > 0 else None
+
+    after = wait_for(moved)
+    assert after, "metrics did not move within 60 s"
+    # 7 + 8 images; the 415 request is refused before its body is read as an image
+    assert total(after, "ray_convserve_images_total", endpoint="classify") == images_before + 15
+    assert total(after, "ray_convserve_requests_total", endpoint="classify", status="200") == ok_before + 15
+    assert total(after, "ray_convserve_requests_total", endpoint="classify", status="415") == bad_before + 1
+    multi_after = total(after, "ray_convserve_batch_size_count") - total(
+        after, "ray_convserve_batch_size_bucket", le="1.0"
+    )
+    assert multi_after > multi_before, "the concurrent requests should show up above the batch-size-1 bucket"
+    assert total(after, "ray_convserve_preprocess_seconds_count") >= preprocess_before + 15
+    assert total(after, "ray_convserve_queue_wait_seconds_count") > 0
+    assert total(after, "ray_convserve_inference_seconds_count", device="cpu") > 0
+    assert "ray_convserve_inflight_requests" in after
+
+
+def test_dashboard_queries_only_exported_metrics(service):
+    import re
+
+    exprs = [t["expr"] for panel in json.loads(DASHBOARD.read_text())["panels"] for t in panel["targets"]]
+    queried = {m for e in exprs for m in re.findall(r"\b(ray_[a-z0-9_]+)", e)}
+    assert any(m.startswith("ray_convserve_") for m in queried) and any(m.startswith("ray_serve_") for m in queried)
+    wanted = queried - GPU_ONLY_METRICS
+
+    def all_there():
+        samples = scrape(service)
+        return samples if all(m in samples for m in wanted) else None
+
+    exported = wait_for(all_there) or scrape(service)
+    missing = sorted(m for m in queried - GPU_ONLY_METRICS if m not in exported)
+    assert not missing, f"dashboard queries metrics the service does not export: {missing}"

@@ -1,0 +1,283 @@
+"""BatchedPredictor (service/predictor.py): one forward pass per list of work items. No Ray, no HTTP.
+
+Runs against `tiny_bundle` / `tiny_bundle_tta` from conftest.py: a small untrained ConvServeNet saved
+and reloaded as a real bundle, so these tests do not wait for the shipped model to be trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.layers import capture
+from service.decode import decode_image_bytes
+from service.predictor import BatchedPredictor, ItemError, ItemResult, WorkItem, default_warmup_sizes
+
+N_IMAGES = 8
+SCORE_TOL = 1e-4
+
+
+def _fixture_jpegs(sample_dir: Path, n: int) -> list[bytes]:
+    """n fixture JPEGs, one class after the other (the first file of each class, then the second, ...)."""
+    classes = sorted(p for p in sample_dir.iterdir() if p.is_dir())
+    files = [sorted(c.glob("*.jpg")) for c in classes]
+    return [files[i % len(classes)][i // len(classes)].read_bytes() for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def images(sample_dir: Path, tiny_bundle) -> list[torch.Tensor]:
+    """N real CIFAR-10 JPEGs, decoded and preprocessed exactly as the service does it."""
+    if not sample_dir.is_dir():
+        pytest.skip(f"{sample_dir} missing (see tests/fixtures/README.md)")
+    jpegs = _fixture_jpegs(sample_dir, N_IMAGES)
+    out = [tiny_bundle.preprocess(decode_image_bytes(data, 10**6)) for data in jpegs]
+    assert all(x.dtype == torch.float32 and tuple(x.shape) == (3, 32, 32) for x in out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_bundle) -> BatchedPredictor:
+    return BatchedPredictor(tiny_bundle, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def predictor_tta(tiny_bundle_tta) -> BatchedPredictor:
+    return BatchedPredictor(tiny_bundle_tta, device="cpu")
+
+
+def _single(predictor: BatchedPredictor, item: WorkItem) -> ItemResult:
+    (result,) = predictor.predict([item])
+    assert isinstance(result, ItemResult), result
+    return result
+
+
+def _assert_same_predictions(got: ItemResult, want: ItemResult) -> None:
+    assert [p.label for p in got.predictions] == [p.label for p in want.predictions]
+    assert [p.index for p in got.predictions] == [p.index for p in want.predictions]
+    for a, b in zip(got.predictions, want.predictions, strict=True):
+        assert a.score == pytest.approx(b.score, abs=SCORE_TOL)
+
+
+def _assert_same_maps(got: ItemResult, want: ItemResult) -> None:
+    assert set(got.feature_maps) == set(want.feature_maps)
+    for name, fmap in got.feature_maps.items():
+        torch.testing.assert_close(fmap, want.feature_maps[name], atol=1e-4, rtol=1e-4)
+
+
+#############################################
+#        Batches equal single calls         #
+#############################################
+
+
+def test_batch_equals_single_calls(predictor, images):
+    batch = predictor.predict([WorkItem(x, top_k=5) for x in images])
+    assert len(batch) == len(images)
+    for x, got in zip(images, batch, strict=True):
+        assert isinstance(got, ItemResult)
+        assert got.batch_size == len(images)
+        assert got.feature_maps == {}
+        want = _single(predictor, WorkItem(x, top_k=5))
+        assert want.batch_size == 1
+        _assert_same_predictions(got, want)
+
+
+def test_scores_equal_an_independent_forward_pass(predictor, tiny_bundle, images):
+    """The predictor's top-k is softmax(model(x)).topk: the right image, the right row, the right labels."""
+    with torch.inference_mode():
+        probs = torch.softmax(tiny_bundle.model(torch.stack(images)).float(), dim=1)
+    scores, indices = probs.topk(10, dim=1)
+    results = predictor.predict([WorkItem(x, top_k=10) for x in images])
+    for row, result in enumerate(results):
+        assert [p.index for p in result.predictions] == indices[row].tolist()
+        assert [p.label for p in result.predictions] == [tiny_bundle.labels[j] for j in indices[row].tolist()]
+        for p, s in zip(result.predictions, scores[row].tolist(), strict=True):
+            assert p.score == pytest.approx(s, abs=1e-5)
+
+
+def test_results_come_back_in_order(predictor, images):
+    """Reversing the batch reverses the results: nothing is matched up by position by accident."""
+    forward = predictor.predict([WorkItem(x, top_k=10) for x in images])
+    backward = predictor.predict([WorkItem(x, top_k=10) for x in reversed(images)])
+    for a, b in zip(forward, reversed(backward), strict=True):
+        _assert_same_predictions(a, b)
+    # The images differ, so their score vectors do too (otherwise the test above proves nothing).
+    assert len({tuple(round(p.score, 4) for p in r.predictions) for r in forward}) == len(images)
+
+
+#############################################
+#               top_k per item              #
+#############################################
+
+
+def test_top_k_per_item_in_a_mixed_batch(predictor, images):
+    ks = [1, 3, 10, 1, 3, 10, 5, 2]
+    results = predictor.predict([WorkItem(x, top_k=k) for x, k in zip(images, ks, strict=True)])
+    full = predictor.predict([WorkItem(x, top_k=10) for x in images])
+    for k, result, everything in zip(ks, results, full, strict=True):
+        assert isinstance(result, ItemResult)
+        assert len(result.predictions) == k
+        scores = [p.score for p in result.predictions]
+        assert scores == sorted(scores, reverse=True)
+        assert all(0.0 <= s <= 1.0 for s in scores)
+        assert sum(scores) <= 1.0 + 1e-6
+        # An item's top-k is the first k of its full ranking, whatever the other items asked for.
+        assert [p.index for p in result.predictions] == [p.index for p in everything.predictions[:k]]
+    for everything in full:
+        assert len({p.index for p in everything.predictions}) == 10
+        assert math.fsum(p.score for p in everything.predictions) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_top_k_larger_than_num_classes_is_capped(predictor, images):
+    (result,) = predictor.predict([WorkItem(images[0], top_k=50)])
+    assert len(result.predictions) == 10
+
+
+#############################################
+#               Feature maps                #
+#############################################
+
+
+def test_feature_maps_only_for_items_that_asked(predictor, tiny_bundle, images):
+    asked = [("stage1", "stage3"), (), ("stage3",), (), ("stage1",), ("stage3", "stage1"), (), ("stage1", "stage3")]
+    results = predictor.predict([WorkItem(x, top_k=3, layers=layers) for x, layers in zip(images, asked, strict=True)])
+    for x, layers, result in zip(images, asked, results, strict=True):
+        assert isinstance(result, ItemResult)
+        assert set(result.feature_maps) == set(layers)
+        for name, fmap in result.feature_maps.items():
+            assert tuple(fmap.shape) == tuple(tiny_bundle.layer(name).shape)
+            assert fmap.dtype == torch.float32 and fmap.device.type == "cpu"
+        # The maps belong to this item's image: they equal what a single call returns for it.
+        want = _single(predictor, WorkItem(x, top_k=3, layers=layers))
+        _assert_same_maps(result, want)
+        _assert_same_predictions(result, want)
+
+
+def test_every_layer_has_the_shape_the_bundle_describes(predictor, tiny_bundle, images):
+    names = tuple(info.name for info in tiny_bundle.layers)
+    assert names == ("stem", "stage1", "stage2", "stage3", "pool", "head")
+    results = predictor.predict([WorkItem(x, layers=names) for x in images[:2]])
+    for result in results:
+        assert {n: tuple(m.shape) for n, m in result.feature_maps.items()} == {
+            info.name: tuple(info.shape) for info in tiny_bundle.layers
+        }
+        # The "head" map is the logits: its softmax gives the item's scores.
+        probs = torch.softmax(result.feature_maps["head"], dim=0)
+        assert result.predictions[0].score == pytest.approx(probs.max().item(), abs=1e-5)
+
+
+#############################################
+#                 Bad items                 #
+#############################################
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(torch.zeros(3, 31, 31), id="wrong-size"),
+        pytest.param(torch.zeros(3, 32, 32, dtype=torch.float64), id="float64"),
+        pytest.param(torch.zeros(32, 32, 3), id="channels-last-layout"),
+        pytest.param(torch.zeros(1, 3, 32, 32), id="batched"),
+        pytest.param(torch.zeros(3, 32, 32, dtype=torch.uint8), id="uint8"),
+    ],
+)
+def test_a_bad_item_fails_alone(predictor, images, bad):
+    good = images[:3]
+    items = [WorkItem(good[0], top_k=3, layers=("stage1",)), WorkItem(bad, layers=("stage3",))]
+    items += [WorkItem(x, top_k=3) for x in good[1:]]
+    results = predictor.predict(items)
+    assert len(results) == len(items)
+    error = results[1]
+    assert isinstance(error, ItemError)
+    assert (error.status, error.code) == (400, "invalid_input")
+    assert str(tuple(bad.shape)) in error.message
+    for item, result in zip([items[0], *items[2:]], [results[0], *results[2:]], strict=True):
+        assert isinstance(result, ItemResult)
+        want = _single(predictor, item)
+        _assert_same_predictions(result, want)
+        _assert_same_maps(result, want)
+        assert result.batch_size == len(good)  # the bad item did not take a place in the forward pass
+    assert set(results[0].feature_maps) == {"stage1"}  # only the bad item asked for stage3
+
+
+def test_all_bad_items_and_empty_batches(predictor):
+    assert predictor.predict([]) == []
+    results = predictor.predict([WorkItem(torch.zeros(3, 16, 16)), WorkItem(torch.zeros(3, 32, 32).double())])
+    assert all(isinstance(r, ItemError) and r.status == 400 for r in results)
+
+
+#############################################
+#        A model with test-time flips       #
+#############################################
+
+
+def test_tta_model_matches_single_calls_and_keeps_map_shapes(predictor_tta, tiny_bundle_tta, images):
+    assert tiny_bundle_tta.model.tta_flip
+    asked = [("stage1", "stage3"), (), ("stem", "head")] * 3
+    items = [WorkItem(x, top_k=4, layers=layers) for x, layers in zip(images, asked, strict=False)]
+    results = predictor_tta.predict(items)
+    assert len(results) == len(items)
+    for item, result in zip(items, results, strict=True):
+        assert isinstance(result, ItemResult)
+        assert set(result.feature_maps) == set(item.layers)
+        for name, fmap in result.feature_maps.items():
+            assert tuple(fmap.shape) == tuple(tiny_bundle_tta.layer(name).shape)  # N of the 2N, per item
+        want = _single(predictor_tta, item)
+        _assert_same_predictions(result, want)
+        _assert_same_maps(result, want)
+
+
+def test_tta_scores_average_both_views_and_maps_are_the_originals(predictor_tta, tiny_bundle, images):
+    """Same weights as tiny_bundle (same seed), flip on: logits are the mean over x and flip(x);
+    the feature maps are those of the unflipped image."""
+    plain = copy.deepcopy(tiny_bundle.model).float().eval()
+    tta_state = predictor_tta.model.state_dict()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, tta_state[key]), key  # both fixtures built the same network
+    batch = torch.stack(images)
+    with torch.inference_mode():
+        logits_x, maps = capture(plain, ["stage1", "stage3"], batch)
+        logits_flip = plain(batch.flip(-1))
+    probs = torch.softmax(0.5 * (logits_x + logits_flip), dim=1)
+    results = predictor_tta.predict([WorkItem(x, top_k=10, layers=("stage1", "stage3")) for x in images])
+    for row, result in enumerate(results):
+        for p in result.predictions:
+            assert p.score == pytest.approx(probs[row, p.index].item(), abs=1e-5)
+        torch.testing.assert_close(result.feature_maps["stage1"], maps["stage1"][row], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(result.feature_maps["stage3"], maps["stage3"][row], atol=1e-4, rtol=1e-4)
+
+
+#############################################
+#           Warm-up and health              #
+#############################################
+
+
+def test_warmup_times_each_requested_size(predictor):
+    timings = predictor.warmup([1, 2, 4])
+    assert list(timings) == [1, 2, 4]
+    assert all(isinstance(t, float) and t > 0 for t in timings.values())
+
+
+def test_check_health_passes_for_a_sound_model(predictor):
+    predictor.check_health()
+
+
+def test_check_health_fails_for_a_model_producing_nan(tiny_bundle):
+    broken_model = copy.deepcopy(tiny_bundle.model)
+    with torch.no_grad():
+        broken_model.head.linear.weight.fill_(float("nan"))
+    broken = BatchedPredictor(dataclasses.replace(tiny_bundle, model=broken_model), device="cpu")
+    with pytest.raises(RuntimeError, match="health check"):
+        broken.check_health()
+
+
+@pytest.mark.parametrize(
+    ("max_batch_size", "sizes"),
+    [(32, [1, 2, 4, 8, 16, 32]), (24, [1, 2, 4, 8, 16, 24]), (1, [1]), (2, [1, 2]), (3, [1, 2, 3])],
+)
+def test_default_warmup_sizes(max_batch_size, sizes):
+    assert default_warmup_sizes(max_batch_size) == sizes
