@@ -4,8 +4,9 @@ deploy/serve_config.yaml is the application's one Serve config (`make serve` rea
 For each kustomize directory in TARGETS this writes `serve-config.generated.yaml`, a patch that
 sets the RayService's `spec.serveConfigV2` to that file, with the directory's
 `serve-config-overrides.yaml` merged in where it has one (overlays/gpu: GPUs per replica,
-batch size, replica limits). Every result is validated as `make serve` validates the file (Ray
-Serve's ServeDeploySchema and convserve's own checks) before it is written.
+batch size, replica limits). Every result is validated before it is written: as `make serve` validates the file (Ray
+Serve's ServeDeploySchema and convserve's own checks), and for keys that Ray's schema does not
+know (it ignores them, so a misspelt option would silently do nothing).
 
     python deploy/render.py          # rewrite the generated files
     python deploy/render.py --check  # exit 1 if a generated file is stale (tests/test_deploy.py does this too)
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import typing
 from pathlib import Path
 
 import yaml
@@ -61,15 +63,55 @@ def _named_list(value) -> bool:
     return isinstance(value, list) and all(isinstance(item, dict) and "name" in item for item in value)
 
 
+def unknown_keys(model, data: dict, path: str = "") -> list[str]:
+    """Dotted paths of the keys in `data` that the pydantic `model` does not declare, recursively
+    through the models its fields hold. Free-form fields (dicts: `args`, `user_config`) are not
+    entered; convserve's own models check those."""
+    fields = model.model_fields
+    names = set(fields) | {f.alias for f in fields.values() if f.alias}
+    found = []
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            found.append(where)
+            continue
+        sub = next(iter(_models_in(fields[key].annotation)), None)
+        if sub is not None and isinstance(value, dict):
+            found += unknown_keys(sub, value, where)
+        elif sub is not None and isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    found += unknown_keys(sub, item, f"{where}.{i}")
+    return found
+
+
+def _models_in(annotation) -> list[type]:
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def validate(doc: dict) -> None:
+    """What `make serve` checks (service.serve_config), and no keys unknown to Ray Serve's schema."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from service.serve_config import ServeConfigError, validate_serve_config
+
+    validate_serve_config(doc)
+    unknown = unknown_keys(ServeDeploySchema, doc)
+    if unknown:
+        raise ServeConfigError(f"keys that Ray Serve's schema does not know (misspelt?): {', '.join(unknown)}")
+
+
 def serve_config_for(target: str) -> dict:
     """deploy/serve_config.yaml with the target's overrides merged in, validated."""
-    from service.serve_config import validate_serve_config
-
     doc = yaml.safe_load(SERVE_CONFIG.read_text())
     overrides_path = KUSTOMIZE_DIR / target / OVERRIDES_NAME
     if overrides_path.exists():
         doc = merge(doc, yaml.safe_load(overrides_path.read_text()) or {})
-    validate_serve_config(doc)
+    validate(doc)
     return doc
 
 

@@ -87,7 +87,7 @@ class BatchedPredictor:
         if not items:
             return []
         results: list[ItemResult | ItemError] = [
-            ItemError("invalid_input", f"expected a float tensor [3, S, S], got {tuple(i.image.shape)}")
+            ItemError("invalid_input", f"expected float32 [3, S, S], got {i.image.dtype} {tuple(i.image.shape)}")
             if not self._fits(i.image)
             else None
             for i in items

@@ -64,7 +64,11 @@ def test_replicas_scale_up_under_load_and_down_after(tmp_path):
         pytest.skip("embedded bundle not trained yet (make train)")
     import ray
 
-    svc = ServiceProcess("--serve-config", str(fast_autoscaling_config(tmp_path))).start()
+    fast_metrics = {  # how often replicas and handles report load to the autoscaler (default 10 s)
+        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+        "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    }
+    svc = ServiceProcess("--serve-config", str(fast_autoscaling_config(tmp_path)), env=fast_metrics).start()
     stop_load = threading.Event()
     answered = {"ok": 0, "other": 0}
 

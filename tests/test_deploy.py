@@ -187,6 +187,7 @@ def test_serve_config_v2_is_a_valid_serve_config(overlay):
     config = serve_config_of(overlay)
     ServeDeploySchema.model_validate(config)  # Ray Serve's own schema, as `serve deploy` applies it
     validate_serve_config(config)  # and convserve's: typed args and batching, their invariants
+    render.validate(config)
     (app,) = config["applications"]
     module_name, _, attr = app["import_path"].partition(":")
     builder = getattr(importlib.import_module(module_name), attr)
@@ -198,9 +199,31 @@ def test_serve_config_v2_schema_check_has_teeth():
     from ray.serve.schema import ServeDeploySchema
 
     config = serve_config_of("gpu")
-    deployment_of(config)["max_ongoing_request"] = 5  # typo
+    deployment_of(config)["max_ongoing_requests"] = "many"
     with pytest.raises(ValidationError):
         ServeDeploySchema.model_validate(config)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serve_config_v2_has_no_keys_unknown_to_ray_serve(overlay):
+    from ray.serve.schema import ServeDeploySchema
+
+    assert render.unknown_keys(ServeDeploySchema, serve_config_of(overlay)) == []
+
+
+@pytest.mark.parametrize(
+    "where, typo",
+    [((), "proxy_locaton"), (("autoscaling_config",), "max_replica"), (("ray_actor_options",), "num_gpu")],
+)
+def test_misspelt_serve_options_are_rejected(where, typo):
+    """Ray Serve's schema ignores unknown keys; render.validate does not."""
+    from service.serve_config import ServeConfigError
+
+    config = serve_config_of("gpu")
+    target = config if not where else deployment_of(config)[where[0]]
+    target[typo] = 1
+    with pytest.raises(ServeConfigError, match=typo):
+        render.validate(config)
 
 
 # --- KubeRay objects against the v1.7.0 CRDs, unknown keys rejected -----------------------------
@@ -579,13 +602,24 @@ def test_dockerfile_runs_as_non_root_and_bakes_in_the_bundle():
 
 
 def _pip_commands(text: str) -> list[list[str]]:
-    """Every `pip ...` / `python -m pip ...` command in a shell-ish text, as argument lists."""
+    """Every `pip ...` / `python -m pip ...` command in shell lines, as argument lists."""
     out = []
-    for part in re.split(r"&&|;|\n", text):
-        words = shlex.split(part.replace("$(PY)", "python").replace("$(VENV)", ".venv"), comments=True)
-        words = [w for w in words if w not in ("python", "-m")] if "-m" in words else words
-        if words and words[0].endswith("pip"):
-            out.append(words[1:])
+    text = text.replace("\\\n", " ").replace("$(PY)", "python").replace("$(VENV)", ".venv")
+    for line in text.splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        command: list[str] = []
+        for token in [*lexer, ";"]:
+            if token and set(token) <= set("();<>|&"):  # an operator ends a command
+                if command[:2] == ["-m", "pip"]:
+                    command = command[1:]
+                if command and command[0].endswith("pip"):
+                    out.append(command[1:])
+                command = []
+            elif not command and token == "python":
+                continue
+            else:
+                command.append(token)
     return out
 
 
@@ -598,7 +632,14 @@ def test_dockerfile_installs_the_project_the_way_ci_does():
     make_pip = [c for c in _pip_commands((REPO_ROOT / "Makefile").read_text()) if c[0] == "install" and "-e" in c]
 
     def targets(cmd: list[str]) -> list[str]:
-        return [w for w in cmd[1:] if not w.startswith("-") and w != ".venv/bin/pip"]
+        """What a `pip install` / `pip wheel` installs or builds: its words that are not options."""
+        words, out = iter(cmd[1:]), []
+        for w in words:
+            if w in ("--wheel-dir", "-w"):  # the options used here that take a value
+                next(words)
+            elif not w.startswith("-"):
+                out.append(w)
+        return out
 
     # Makefile: `pip install -e '.[dev]'` -- the project, with the dev extra.
     assert [targets(c) for c in make_pip] == [[".[dev]"]]
