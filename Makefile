@@ -7,7 +7,7 @@ DATA   ?= ../shared/datasets/cifar10
 BUNDLE ?= model/bundles/convservenet-cifar10
 ARGS   ?=
 
-.PHONY: setup serve test test-all train evaluate lint format clean
+.PHONY: setup serve test test-all train evaluate lint format clean loadtest
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,9 @@ train: setup
 
 evaluate: setup
 	$(PY) -m model.evaluate --bundle $(BUNDLE) --data $(DATA)/cifar10-val.tar.gz --confusion-png runs/confusion.png
+
+loadtest: setup
+	$(PY) -m loadtests.run $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

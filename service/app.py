@@ -26,6 +26,8 @@ from service.errors import ApiError, bad_request, not_found
 from service.featuremaps import layer_json, to_npy, to_png_grid
 from service.inputs import ImageRequest, parse_top_k, read_images, single_image
 from service.metrics import ServiceMetrics
+from service.middleware import configure as configure_middleware
+from service.middleware import install as install_middleware
 from service.predictor import BatchedPredictor, ItemError, ItemResult, WorkItem, default_warmup_sizes
 
 log = logging.getLogger("convserve")
@@ -62,6 +64,7 @@ api = FastAPI(
     description="Batched CNN inference: classification and feature maps. Errors are JSON "
     '{"error": {"code": ..., "message": ...}}.',
 )
+install_middleware(api)  # bearer auth on /v1/*, overload shedding (service/middleware.py)
 
 
 def json_response(obj: dict, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -98,6 +101,7 @@ async def _internal_error(_request: Request, exc: Exception) -> Response:
 class ConvServe:
     def __init__(self, config: dict | None = None):
         self.config = ServeConfig.from_env(config)
+        configure_middleware(self.config)
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
         self.bundle = load_bundle(self.config.bundle_path or DEFAULT_BUNDLE)
@@ -108,6 +112,11 @@ class ConvServe:
         self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, self.predictor.device.type)
         # One forward thread: batches run one after another, while the event loop keeps decoding.
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        # Set while no batch computes. Ray forms the next batch as soon as the previous one is
+        # handed off, so without this gate a request arriving mid-forward would start a tiny
+        # batch of its own; held here instead, everything that arrived joins the next batch.
+        self._forward_idle = asyncio.Event()
+        self._forward_idle.set()
         self._apply_batching(self.config.batching)
         sizes = self.config.warmup_batch_sizes or default_warmup_sizes(self.config.batching.max_batch_size)
         timings = self.predictor.warmup(sizes)
@@ -127,13 +136,19 @@ class ConvServe:
         self._batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     def check_health(self) -> None:
-        self.predictor.check_health()
+        # On the forward thread: a health-check pass must never run beside a batch (they share
+        # the model and its feature-map hooks).
+        self._forward_pool.submit(self.predictor.check_health).result(timeout=25)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.004)
     async def _batched(self, items: list[WorkItem]) -> list[ItemResult | ItemError]:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._forward_pool, self.predictor.predict, items)
+        self._forward_idle.clear()
+        try:
+            results = await loop.run_in_executor(self._forward_pool, self.predictor.predict, items)
+        finally:
+            self._forward_idle.set()
         inference_s = next((r.inference_s for r in results if isinstance(r, ItemResult)), 0.0)
         self.metrics.batch_done(len(items), inference_s, [started - i.enqueued_at for i in items])
         return results
@@ -155,6 +170,7 @@ class ConvServe:
 
     async def _run(self, prepared: list[WorkItem | ItemError]) -> list[ItemResult | ItemError]:
         work = [p for p in prepared if isinstance(p, WorkItem)]
+        await self._forward_idle.wait()  # see __init__: join the next batch, not a batch of one
         done = iter(await asyncio.gather(*(self._batched(w) for w in work)))
         return [next(done) if isinstance(p, WorkItem) else p for p in prepared]
 
@@ -291,11 +307,15 @@ class ConvServe:
         return json_response({"error": {"code": "not_ready", "message": "model is loading"}}, 503)
 
 
-def build_app(args: dict | None = None, options: dict | None = None) -> serve.Application:
-    """Application builder: the Serve config's `import_path` (its `args` arrive here).
+def build_app(args: dict) -> serve.Application:
+    """Application builder: the Serve config's `import_path`; its `args` arrive here."""
+    return build_app_with_options(args)
 
-    `options` are deployment options (see service/serve_config.py); under `serve deploy` Ray
-    applies the config file's `deployments` section itself.
+
+def build_app_with_options(args: dict | None = None, options: dict | None = None) -> serve.Application:
+    """The application with deployment `options` (see service/serve_config.py), for `make serve`.
+
+    Under `serve deploy` / KubeRay, Ray applies the config file's `deployments` section itself.
     """
     config = ServeConfig.from_env(args or {})
     deployment = ConvServe.options(**options) if options else ConvServe

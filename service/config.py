@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 MiB = 1024 * 1024
 MAX_BATCH_SIZE_LIMIT = 1024
@@ -69,6 +69,20 @@ class ServeConfig(BaseModel):
     )
 
     limits: Limits = Limits()
+
+    # Reliability and security (service/middleware.py, docs/reliability.md)
+    queue_deadline_s: float = Field(
+        2.0,
+        ge=0,
+        description="503 `overloaded` at once for a request the replica could not finish within this many "
+        "seconds at its current rate (admission control); 0 = off",
+    )
+    auth_token: SecretStr | None = Field(
+        None, description="bearer token required on /v1/* (CONVSERVE_AUTH_TOKEN); None = no auth"
+    )
+    auth_token_file: str | None = Field(
+        None, description="file holding the bearer token (CONVSERVE_AUTH_TOKEN_FILE); used when auth_token is unset"
+    )
 
     @classmethod
     def from_env(cls, base: dict | None = None, environ: dict[str, str] | None = None) -> ServeConfig:

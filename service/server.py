@@ -8,12 +8,17 @@ then asks this process to stop, and this process stops Serve and Ray in order.
 from __future__ import annotations
 
 import argparse
+import csv
+import glob
+import io
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
+import time
 
 from service.config import ServeConfig
 from service.serve_config import (
@@ -78,6 +83,63 @@ def configure_ingress_env(ingress: str, binary: str | None, port: int) -> None:
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
 
 
+def haproxy_in_flight(port: int) -> int | None:
+    """Requests HAProxy is forwarding to replicas now, from its stats socket; None if none answers."""
+    total = None
+    for path in glob.glob(os.path.join(runtime_dir(port), "*", "admin.sock")):
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(2.0)
+                sock.connect(path)
+                sock.sendall(b"show stat\n")
+                chunks = []
+                while chunk := sock.recv(65536):
+                    chunks.append(chunk)
+        except OSError:
+            continue
+        rows = csv.DictReader(io.StringIO(b"".join(chunks).decode(errors="replace").lstrip("# ")))
+        for row in rows:
+            if row.get("svname") == "BACKEND" and (row.get("pxname") or "").startswith(("http-", "grpc-")):
+                total = (total or 0) + int(row.get("scur") or 0)
+    return total
+
+
+def drain_haproxy(port: int, timeout_s: float) -> None:
+    """Wait (at most timeout_s) until no request is in flight through HAProxy.
+
+    serve.shutdown() SIGKILLs HAProxy at once (ray/serve/_private/haproxy.py, HAProxyApi.stop), which
+    cuts the connections of requests still being computed; waiting here first lets them finish.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        in_flight = haproxy_in_flight(port)
+        if not in_flight:
+            return
+        time.sleep(0.1)
+    print(f"convserve: {in_flight} request(s) still in flight after {timeout_s:g} s; stopping anyway", flush=True)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def configure_loopback_env(host: str) -> None:
+    """Serving on loopback only: make Ray's node address loopback too (must run before Ray starts).
+
+    On Linux Ray takes the node's routable address, and its servers (metrics export port, dashboard
+    agent, autoscaler metrics, GCS, raylet, workers) listen there or on all interfaces. With a
+    loopback node address they listen on 127.0.0.1. Ray's only switch for that is this variable
+    (ray._private.services.get_node_ip_address: "not ENABLE_RAY_CLUSTER" -> loopback IP); it
+    changes nothing else on Linux. HAProxy's stats (8404) and Prometheus (9101) frontends still
+    bind all interfaces: Ray's HAProxy config template hard-codes that (docs/reliability.md).
+    """
+    if host in LOOPBACK_HOSTS:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the Ray processes started from here
+        # Ray read it at import, and the Serve config's schema check has imported Ray already.
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m service", description="Serve a model bundle with Ray Serve.")
     p.add_argument("--bundle", default=None, help="bundle directory (default: $CONVSERVE_BUNDLE_PATH or embedded)")
@@ -121,11 +183,12 @@ def options_from_args(a: argparse.Namespace, config: ServeConfig) -> dict:
 def serve_forever(config: ServeConfig, options: dict, num_cpus: float | None = None) -> int:
     ingress, binary = resolve_ingress(config.ingress)
     configure_ingress_env(ingress, binary, config.port)
+    configure_loopback_env(config.host)
 
     import ray
     from ray import serve
 
-    from service.app import build_app
+    from service.app import build_app_with_options
 
     ray.init(
         address="local",
@@ -143,7 +206,9 @@ def serve_forever(config: ServeConfig, options: dict, num_cpus: float | None = N
         serve.start(
             http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s}
         )
-        serve.run(build_app(config.model_dump(), options), name="convserve", route_prefix="/", blocking=False)
+        serve.run(
+            build_app_with_options(config.model_dump(), options), name="convserve", route_prefix="/", blocking=False
+        )
         where = f"http://{config.host}:{config.port}"
         print(
             f"convserve: ready on {where} (ingress: {ingress}{' ' + binary if binary else ''}); "
@@ -154,6 +219,8 @@ def serve_forever(config: ServeConfig, options: dict, num_cpus: float | None = N
         print(f"convserve: ray address {ray.get_runtime_context().gcs_address}", flush=True)
         stop.wait()
         print("convserve: stopping", flush=True)
+        if ingress == "haproxy":
+            drain_haproxy(config.port, float(options.get("graceful_shutdown_timeout_s", 20)))
     finally:
         try:
             serve.shutdown()
@@ -163,9 +230,28 @@ def serve_forever(config: ServeConfig, options: dict, num_cpus: float | None = N
     return 0
 
 
+def preflight(config: ServeConfig) -> None:
+    """Fail fast with a clear message, before Ray starts. A bundle that cannot load would otherwise
+    fail in the replica's constructor, which Ray retries for ever while the service never comes up."""
+    from model import DEFAULT_BUNDLE
+    from model.bundle import BundleError, load_bundle
+    from service.middleware import AuthConfigError, resolve_auth_token
+
+    path = config.bundle_path or DEFAULT_BUNDLE
+    try:
+        load_bundle(path, describe=False)  # manifest, SHA-256 of the weights, safetensors into the architecture
+    except BundleError as e:
+        raise SystemExit(f"convserve: cannot serve the model bundle {path}: {e}") from None
+    try:
+        resolve_auth_token(config)
+    except AuthConfigError as e:
+        raise SystemExit(f"convserve: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
     config = config_from_args(a)
+    preflight(config)
     return serve_forever(config, options_from_args(a, config), a.num_cpus)
 
 

@@ -12,6 +12,10 @@ import pytest
 # cluster, token in ~/.ray/auth_token). Say so before anything imports ray, so that a test can
 # attach a second driver (ray.init(address=...)) to a service's cluster to read serve.status().
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# A service on 127.0.0.1 runs its Ray on the loopback address (service/server.py,
+# configure_loopback_env). A driver attaching to it must resolve 127.0.0.1 as loopback too, not
+# as this host's routable address, which Ray does on Linux unless told so by this variable.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

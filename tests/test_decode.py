@@ -10,7 +10,6 @@ import random
 import struct
 import time
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +19,10 @@ from PIL import Image, ImageOps, features
 
 from service.decode import decode_image_bytes, sniff_format
 from service.errors import ApiError
+from tests.images import encode, noise, smooth
+from tests.images import png_chunk as _png_chunk
 
 MAX_PIXELS = 40_000_000  # the service default (service.config.Limits.max_image_pixels)
-
-
-def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
 
 
 def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
@@ -42,18 +37,6 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
 def rgb_of(img: Image.Image) -> torch.Tensor:
     """What the decoder should return for a lossless RGB-representable image."""
     return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
-
-
-def noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), mode="RGB")
-
-
-def smooth(width: int, height: int) -> Image.Image:
-    """A gradient: survives JPEG compression closely, unlike noise."""
-    y, x = np.mgrid[0:height, 0:width]
-    arr = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), np.full_like(x, 90)], axis=-1)
-    return Image.fromarray(arr.astype(np.uint8), mode="RGB")
 
 
 @pytest.fixture(scope="module")
@@ -314,10 +297,6 @@ def test_jpeg_signature_without_a_frame():
 #############################################
 #       Decompression bombs: 413 early      #
 #############################################
-
-
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
 def _assert_refused_cheaply(data: bytes, size: str) -> None:

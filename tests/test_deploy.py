@@ -191,7 +191,10 @@ def test_serve_config_v2_is_a_valid_serve_config(overlay):
     (app,) = config["applications"]
     module_name, _, attr = app["import_path"].partition(":")
     builder = getattr(importlib.import_module(module_name), attr)
-    assert isinstance(builder(app["args"]), serve.Application)
+    # Called the way `serve deploy` (and so KubeRay) calls it, which also checks its signature.
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # private: test only
+
+    assert isinstance(call_user_app_builder_with_args_if_necessary(builder, app["args"]), serve.Application)
 
 
 def test_serve_config_v2_schema_check_has_teeth():
@@ -306,7 +309,10 @@ def test_rayservice_and_raycluster_match_the_kuberay_crds(overlay):
     "path, typo",
     [
         (("spec", "rayClusterConfig", "headGroupSpec", "rayStartParams"), "rayStartParam"),
-        (("spec", "rayClusterConfig", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "resources"), "resource"),
+        (
+            ("spec", "rayClusterConfig", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "resources"),
+            "resourc",
+        ),
         (("spec", "serveService", "spec", "ports", 0, "targetPort"), "targetport"),
         (("spec", "upgradeStrategy"), "upgradeStrategie"),
     ],
@@ -351,7 +357,9 @@ def test_objects_embedded_in_the_rayservice_validate_as_kubernetes_objects(overl
     service = {"apiVersion": "v1", "kind": "Service", **rs["spec"]["serveService"]}
     k8s_validate(service)
     for name, template in pod_templates(rs).items():
-        k8s_validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, **template["metadata"]}, **template})
+        k8s_validate(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, **template["metadata"]}, **template}
+        )
 
 
 def test_kubernetes_validate_has_teeth():
@@ -379,7 +387,8 @@ def test_ports_are_the_ones_kuberay_expects(overlay):
         assert ports.get("metrics") == METRICS_PORT, group
         assert ports.get("serve") == SERVE_PORT, group
     cluster = rs["spec"]["rayClusterConfig"]
-    for params in [cluster["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in cluster["workerGroupSpecs"]]:
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for params in [g["rayStartParams"] for g in groups]:
         assert params.get("metrics-export-port") == str(METRICS_PORT)
     # Serve listens where the Service and the pods say.
     assert config["http_options"]["port"] == SERVE_PORT
@@ -402,7 +411,7 @@ def test_every_container_has_requests_and_limits_and_runs_as_non_root(overlay):
             assert set(res["requests"]) >= {"cpu", "memory"} and set(res["limits"]) >= {"cpu", "memory"}, group
             assert res["requests"] == res["limits"], f"{group}: Ray sizes itself from limits; keep requests equal"
             assert c["securityContext"]["allowPrivilegeEscalation"] is False, group
-            assert c["image"] == rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+            assert c["image"] == pod_templates(rs)["head"]["spec"]["containers"][0]["image"], "one image"
     assert rs["spec"]["rayClusterConfig"]["rayVersion"] == _pyproject_pin("ray")
 
 
@@ -523,7 +532,8 @@ def test_network_policy_lets_clients_reach_only_the_serve_port(overlay):
             ports = _rule_ports(rule)
             if not within_cluster:
                 # Other pods (the KubeRay operator, Prometheus): named ports only, no GCS, no client.
-                assert ports is not None and not ports & {RAY_INTERNAL_PORTS["gcs-server"], RAY_INTERNAL_PORTS["client"]}
+                assert ports is not None, "other pods get named ports only"
+                assert not ports & {RAY_INTERNAL_PORTS["gcs-server"], RAY_INTERNAL_PORTS["client"]}
                 assert ports <= internal | {METRICS_PORT, 44217, 44227}
 
 
@@ -715,7 +725,17 @@ class RayNode:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
-def _wait_for(what: str, check, timeout_s: float, nodes: list[RayNode], interval_s: float = 2.0):
+def _session_logs(temp_dir: Path, n: int = 15) -> str:
+    """The last lines of the Ray session's main logs, for a failure message."""
+    out = []
+    for name in ("dashboard.log", "dashboard_ServeHead.log", "raylet.out", "gcs_server.out"):
+        path = temp_dir / "session_latest" / "logs" / name
+        if path.exists():
+            out.append(f"--- {name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-n:]))
+    return "\n".join(out)
+
+
+def _wait_for(what: str, check, timeout_s: float, nodes: list[RayNode], interval_s: float = 2.0, logs: str = ""):
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
@@ -726,10 +746,13 @@ def _wait_for(what: str, check, timeout_s: float, nodes: list[RayNode], interval
             result = check()
             if result:
                 return result
-        except Exception as e:
+        except (requests.RequestException, KeyError, ValueError) as e:  # not up yet; an AssertionError is final
             last = e
         time.sleep(interval_s)
-    raise AssertionError(f"timed out waiting for {what} ({last!r})\n" + "\n".join(n.log_tail() for n in nodes))
+    details = "\n".join(n.log_tail() for n in nodes)
+    raise AssertionError(
+        f"timed out waiting for {what} ({last!r})\n{details}\n{_session_logs(Path(logs)) if logs else ''}"
+    )
 
 
 @pytest.mark.integration
@@ -750,10 +773,15 @@ def test_serve_config_deploys_on_a_multinode_ray_cluster(tmp_path, sample_dir):
     gcs, dashboard = free_port(), free_port()
     dashboard_url = f"http://127.0.0.1:{dashboard}"
     temp_dir = Path(f"/tmp/cvd-{gcs}")  # short: Ray's socket paths must fit 107 bytes
+    logs = str(temp_dir)
     env = {
         **os.environ,
         "RAY_SERVE_ENABLE_HA_PROXY": "0",  # Ray's own proxy: HAProxy mode binds to all interfaces
         "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        # No token auth on this throwaway loopback cluster (tests/conftest.py defaults to token).
+        "RAY_AUTH_MODE": "disabled",
+        # Let a worker node join (tests/conftest.py sets 0 for its single-node services).
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
         "DASHBOARD_METRIC_PORT": str(free_port()),
         "PYTHONUNBUFFERED": "1",
     }
@@ -770,14 +798,20 @@ def test_serve_config_deploys_on_a_multinode_ray_cluster(tmp_path, sample_dir):
         nodes.append(
             RayNode(
                 ["--head", f"--port={gcs}", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=true"]
-                + [f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_port()}"]
+                + [
+                    f"--dashboard-port={dashboard}",
+                    "--dashboard-host=127.0.0.1",
+                    f"--ray-client-server-port={free_port()}",
+                ]
                 + common
                 + node_ports(),
                 env,
                 tmp_path / "head.log",
             )
         )
-        _wait_for("the dashboard", lambda: requests.get(f"{dashboard_url}/api/version", timeout=5).ok, 180, nodes)
+        _wait_for(
+            "the dashboard", lambda: requests.get(f"{dashboard_url}/api/version", timeout=5).ok, 300, nodes, logs=logs
+        )
         worker_cpus = max(1, int(actor["num_cpus"] + 0.999))
         nodes.append(
             RayNode(
@@ -787,15 +821,15 @@ def test_serve_config_deploys_on_a_multinode_ray_cluster(tmp_path, sample_dir):
             )
         )
 
-        from ray.util.state import list_nodes
-
         def two_nodes():
-            alive = [n for n in list_nodes(address=dashboard_url) if n.state == "ALIVE"]
+            # The state API over the dashboard's REST endpoint (like `ray list nodes`).
+            reply = requests.get(f"{dashboard_url}/api/v0/nodes", params={"detail": "1"}, timeout=10).json()
+            alive = [n for n in reply["data"]["result"]["result"] if n["state"] == "ALIVE"]
             return alive if len(alive) == 2 else None
 
-        alive = _wait_for("two Ray nodes", two_nodes, 180, nodes)
-        (gpu_node,) = [n.node_id for n in alive if n.resources_total.get("GPU", 0) >= 1]
-        (head_node,) = [n.node_id for n in alive if n.is_head_node]
+        alive = _wait_for("two Ray nodes", two_nodes, 180, nodes, logs=logs)
+        (gpu_node,) = [n["node_id"] for n in alive if n["resources_total"].get("GPU", 0) >= 1]
+        (head_node,) = [n["node_id"] for n in alive if n["is_head_node"]]
 
         deploy = subprocess.run(
             [_tool("serve"), "deploy", str(config_path), "--address", dashboard_url],
@@ -812,7 +846,7 @@ def test_serve_config_deploys_on_a_multinode_ray_cluster(tmp_path, sample_dir):
             assert app["status"] != "DEPLOY_FAILED", app.get("message")
             return details if app["status"] == "RUNNING" else None
 
-        details = _wait_for("the convserve application", running, 420, nodes, interval_s=3)
+        details = _wait_for("the convserve application", running, 420, nodes, interval_s=3, logs=logs)
         replicas = details["applications"]["convserve"]["deployments"]["ConvServe"]["replicas"]
         assert replicas and all(r["state"] == "RUNNING" for r in replicas)
         assert {r["node_id"] for r in replicas} == {gpu_node}, "replicas must run on the node with the GPU"
@@ -829,7 +863,7 @@ def test_serve_config_deploys_on_a_multinode_ray_cluster(tmp_path, sample_dir):
             )
             return r if r.status_code == 200 else None
 
-        r = _wait_for("a classification", classify, 60, nodes)
+        r = _wait_for("a classification", classify, 60, nodes, logs=logs)
         body = r.json()
         assert len(body["predictions"]) >= 1 and body["model"]
         print(f"multi-node deploy and classification in {time.monotonic() - started:.0f} s")

@@ -1,0 +1,306 @@
+"""The serving benchmark: how close does serving come to the model's own speed?
+
+    python -m loadtests.bench [--quick] [--out results/bench-<time>]
+
+One run, one machine, ratios rather than absolute times:
+1. Offline limit: in-process decode + preprocess + forward of the same JPEGs, at several batch
+   sizes; the best is the limit. Single-image latency at batch 1.
+2. Served: the running service (`python -m service`, started here) under wrk at concurrency
+   1, 8, 32, 128: images/s, p50/p99 latency, errors.
+3. Batching on vs off (max_batch_size 1) at concurrency 32; Ray's Python proxy vs HAProxy.
+Prints a table, writes results.json and PNG plots. Targets (issue 5): served/offline >= 0.8,
+p50 at concurrency 1 <= offline single-image latency + 3 ms, batching >= 2x at 32, no errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGES = REPO / "tests" / "fixtures" / "cifar10-val-sample"
+
+WRK_LUA = """
+local bodies = {}
+local n = 0
+for path in io.lines("%(list)s") do
+  local f = io.open(path, "rb"); n = n + 1; bodies[n] = f:read("*all"); f:close()
+end
+local i = 0
+request = function()
+  i = i %% n + 1
+  return wrk.format("POST", "/v1/classify?top_k=1", {["Content-Type"] = "image/jpeg"}, bodies[i])
+end
+done = function(summary, latency, requests)
+  io.write(string.format("JSON {\\"requests\\": %%d, \\"duration_us\\": %%d, \\"errors_status\\": %%d, " ..
+    "\\"errors_connect\\": %%d, \\"errors_timeout\\": %%d, \\"errors_read\\": %%d, \\"p50_us\\": %%d, " ..
+    "\\"p90_us\\": %%d, \\"p99_us\\": %%d}\\n",
+    summary.requests, summary.duration, summary.errors.status, summary.errors.connect,
+    summary.errors.timeout, summary.errors.read, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99)))
+end
+"""
+
+
+def jpeg_files() -> list[Path]:
+    return sorted(IMAGES.rglob("*.jpg"))
+
+
+# --- offline limit ---------------------------------------------------------------------------
+
+
+def offline_limit(batch_sizes: list[int], seconds: float) -> dict:
+    """decode + preprocess + forward in this process, as the replica does it, without HTTP."""
+    from model import DEFAULT_BUNDLE, load_bundle
+    from service.decode import decode_image_bytes
+    from service.predictor import BatchedPredictor, WorkItem
+
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    predictor = BatchedPredictor(bundle, "auto", "bf16", True)
+    datas = [p.read_bytes() for p in jpeg_files()]
+
+    def run(bs: int, i: int) -> None:
+        items = []
+        for j in range(bs):
+            image = decode_image_bytes(datas[(i + j) % len(datas)], 40_000_000)
+            items.append(WorkItem(bundle.preprocess(image), top_k=1))
+        predictor.predict(items)
+
+    predictor.warmup(batch_sizes)
+    by_batch = {}
+    for bs in batch_sizes:
+        done, i, start = 0, 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            run(bs, i)
+            i += bs
+            done += bs
+        by_batch[bs] = done / (time.perf_counter() - start)
+    single = []
+    for i in range(max(20, int(seconds * 40))):
+        t = time.perf_counter()
+        run(1, i)
+        single.append(time.perf_counter() - t)
+    best = max(by_batch, key=by_batch.get)
+    return {
+        "images_per_s_by_batch": by_batch,
+        "best_batch_size": best,
+        "images_per_s": by_batch[best],
+        "single_image_latency_p50_ms": 1000 * statistics.median(single),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(predictor.device),
+    }
+
+
+# --- served ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """`python -m service` in its own session; stopped by pid."""
+
+    def __init__(self, ingress: str, env: dict[str, str], log_dir: Path):
+        self.port = 18000 + os.getpid() % 1000
+        self.metrics_port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = open(log_dir / f"service-{ingress}-{int(time.time())}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+             "--ingress", ingress],
+            cwd=REPO, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def wait_ready(self, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if requests.get(self.base + "/readyz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise TimeoutError("service not ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def run_wrk(base: str, concurrency: int, seconds: float, lua: Path) -> dict:
+    threads = 1 if concurrency < 8 else 2
+    cmd = ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s", "-s", str(lua), base]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+    match = re.search(r"^JSON (\{.*\})$", out, re.M)
+    if not match:
+        raise RuntimeError(f"wrk printed no summary:\n{out}")
+    r = json.loads(match.group(1))
+    errors = r["errors_status"] + r["errors_connect"] + r["errors_timeout"] + r["errors_read"]
+    return {
+        "concurrency": concurrency,
+        "requests": r["requests"],
+        "images_per_s": r["requests"] / (r["duration_us"] / 1e6),
+        "p50_ms": r["p50_us"] / 1000,
+        "p90_ms": r["p90_us"] / 1000,
+        "p99_ms": r["p99_us"] / 1000,
+        "errors": errors,
+    }
+
+
+def served(ingress: str, env: dict, concurrencies: list[int], seconds: float, lua: Path, log_dir: Path) -> list[dict]:
+    svc = Service(ingress, env, log_dir)
+    try:
+        svc.wait_ready()
+        run_wrk(svc.base, 8, min(3.0, seconds), lua)  # warm the path (connections, caches)
+        return [run_wrk(svc.base, c, seconds, lua) for c in concurrencies]
+    finally:
+        svc.stop()
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def plot(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["served"]["batching_on"]
+    cs = [r["concurrency"] for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax[0].plot(cs, [r["images_per_s"] for r in rows], "o-", label=f"served ({results['ingress']})")
+    ax[0].axhline(results["offline"]["images_per_s"], color="k", ls="--", label="offline limit")
+    ax[0].axhline(0.8 * results["offline"]["images_per_s"], color="gray", ls=":", label="0.8 x offline")
+    off = results["served"].get("batching_off")
+    if off:
+        ax[0].plot([r["concurrency"] for r in off], [r["images_per_s"] for r in off], "s", label="batching off")
+    ax[0].set(xscale="log", xlabel="concurrent connections", ylabel="images/s", title="Throughput")
+    ax[0].legend(fontsize=8)
+    for key, style in (("p50_ms", "o-"), ("p90_ms", "^-"), ("p99_ms", "s-")):
+        ax[1].plot(cs, [r[key] for r in rows], style, label=key.replace("_ms", ""))
+    ax[1].axhline(results["offline"]["single_image_latency_p50_ms"], color="k", ls="--", label="offline single")
+    ax[1].set(xscale="log", yscale="log", xlabel="concurrent connections", ylabel="ms", title="Latency")
+    ax[1].legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "bench.png"
+    fig.savefig(path, dpi=110)
+    return [str(path)]
+
+
+def check_targets(results: dict) -> dict:
+    offline = results["offline"]
+    rows = {r["concurrency"]: r for r in results["served"]["batching_on"]}
+    best = max(r["images_per_s"] for r in rows.values())
+    targets = {"served_over_offline": round(best / offline["images_per_s"], 3)}
+    targets["served_over_offline_ok"] = targets["served_over_offline"] >= 0.8
+    if 1 in rows:
+        extra = rows[1]["p50_ms"] - offline["single_image_latency_p50_ms"]
+        targets["p50_c1_minus_offline_single_ms"] = round(extra, 2)
+        targets["p50_c1_ok"] = extra <= 3.0
+    off = {r["concurrency"]: r for r in results["served"].get("batching_off", [])}
+    if 32 in off and 32 in rows:
+        targets["batching_speedup_c32"] = round(rows[32]["images_per_s"] / off[32]["images_per_s"], 2)
+        targets["batching_speedup_ok"] = targets["batching_speedup_c32"] >= 2.0
+    all_rows = [r for group in results["served"].values() for r in group]
+    targets["errors"] = sum(r["errors"] for r in all_rows)
+    targets["no_errors_ok"] = targets["errors"] == 0
+    return targets
+
+
+def print_table(results: dict) -> None:
+    off = results["offline"]
+    print(f"\noffline limit: {off['images_per_s']:.0f} img/s at batch {off['best_batch_size']} "
+          f"({', '.join(f'{b}: {v:.0f}' for b, v in off['images_per_s_by_batch'].items())}); "
+          f"single image p50 {off['single_image_latency_p50_ms']:.2f} ms")  # fmt: skip
+    print(f"{'run':<24}{'conc':>6}{'img/s':>9}{'x offline':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for name, rows in results["served"].items():
+        for r in rows:
+            ratio = r["images_per_s"] / off["images_per_s"]
+            print(f"{name:<24}{r['concurrency']:>6}{r['images_per_s']:>9.0f}{ratio:>11.2f}"
+                  f"{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>8}")  # fmt: skip
+    print("targets:", json.dumps(results["targets"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short runs, fewer points (for tests)")
+    p.add_argument("--seconds", type=float, default=None, help="seconds per load point (default: 15, quick: 2)")
+    p.add_argument("--ingress", choices=["auto", "proxy", "haproxy"], default="auto", help="(default: %(default)s)")
+    p.add_argument("--no-compare", action="store_true", help="skip batching-off and proxy-vs-haproxy runs")
+    p.add_argument("--out", default=None, help="results folder (default: results/bench-<time>)")
+    a = p.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("bench: wrk not found (apt-get install wrk)", file=sys.stderr)
+        return 2
+    seconds = a.seconds or (2.0 if a.quick else 15.0)
+    concurrencies = [1, 8] if a.quick else [1, 8, 32, 128]
+    out = Path(a.out or REPO / "results" / time.strftime("bench-%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    from service.server import resolve_ingress
+
+    ingress = resolve_ingress(a.ingress)[0]
+    results: dict = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cuda": torch.cuda.is_available()},
+        "ingress": ingress,
+        "seconds_per_point": seconds,
+    }
+    print("bench: offline limit ...", flush=True)
+    results["offline"] = offline_limit([1, 8, 16, 32, 64] if not a.quick else [1, 16], 3.0 if not a.quick else 1.0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        listing = Path(tmp) / "bodies.txt"
+        listing.write_text("\n".join(str(f) for f in jpeg_files()) + "\n")
+        lua = Path(tmp) / "classify.lua"
+        lua.write_text(WRK_LUA % {"list": listing})
+        results["served"] = {}
+        print(f"bench: served, batching on, {ingress} ...", flush=True)
+        results["served"]["batching_on"] = served(ingress, {}, concurrencies, seconds, lua, out)
+        if not a.no_compare:
+            c = [32] if not a.quick else [8]
+            print("bench: served, batching off ...", flush=True)
+            off_env = {"CONVSERVE_MAX_BATCH_SIZE": "1"}
+            results["served"]["batching_off"] = served(ingress, off_env, c, seconds, lua, out)
+            other = "proxy" if ingress == "haproxy" else None
+            if other:
+                print("bench: served, Ray's Python proxy ...", flush=True)
+                results["served"]["python_proxy"] = served(other, {}, c, seconds, lua, out)
+    results["targets"] = check_targets(results)
+    try:
+        results["plots"] = plot(results, out)
+    except ImportError:
+        results["plots"] = []
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"bench: results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Two small ASGI middlewares in front of the routes: bearer-token auth and overload shedding.
+
+Both answer on their own, with convserve's JSON error body, before a request body is read:
+
+- `BearerAuth`: when a token is configured (`auth_token` / `auth_token_file`, or the
+  CONVSERVE_AUTH_TOKEN / CONVSERVE_AUTH_TOKEN_FILE environment variables), every `/v1/*` request
+  must carry `Authorization: Bearer <token>`; otherwise 401 `unauthorized` with
+  `WWW-Authenticate: Bearer`. `/healthz`, `/readyz`, `/docs`, `/openapi.json` stay open.
+- `OverloadGuard`: admission control for the inference routes. A request is admitted only while
+  the requests already inside the replica can be finished within `queue_deadline_s` at the rate
+  the replica has been finishing them (Little's law: in flight < completions/s x deadline). Beyond
+  that it is answered at once with 503 `overloaded` and `Retry-After: 1`, so that past capacity
+  latency stays bounded and refusals are fast, instead of every request waiting in a queue that
+  only grows. The admitted count is at least two batches (`2 x max_batch_size`) and at most the
+  deployment's `max_ongoing_requests`, so that requests do not wait in Ray's own queue, where this
+  guard cannot see them.
+
+Both are installed on the FastAPI app at import (`install(api)`) and configured from the
+replica's ServeConfig in `ConvServe.__init__` (`configure(config)`); unconfigured, they pass
+everything through.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import time
+from pathlib import Path
+
+import orjson
+
+from service.config import ServeConfig
+from service.predictor import ItemError
+
+OVERLOADED_RETRY_AFTER_S = 1
+GUARDED_PATHS = ("/v1/classify", "/v1/feature-maps")
+PROTECTED_PREFIX = "/v1/"
+
+
+class AuthConfigError(ValueError):
+    """auth_token_file names a file that cannot be read, or holds no token."""
+
+
+def resolve_auth_token(config: ServeConfig) -> str | None:
+    """The configured bearer token: `auth_token`, else the first line of `auth_token_file`, else None."""
+    if config.auth_token is not None and config.auth_token.get_secret_value():
+        return config.auth_token.get_secret_value()
+    if config.auth_token_file:
+        try:
+            token = Path(config.auth_token_file).read_text().strip()
+        except OSError as e:
+            raise AuthConfigError(f"auth_token_file {config.auth_token_file}: cannot read ({e.strerror})") from None
+        if not token:
+            raise AuthConfigError(f"auth_token_file {config.auth_token_file}: empty")
+        return token
+    return None
+
+
+def queue_deadline_error(enqueued_at: float, deadline_s: float | None, now: float | None = None) -> ItemError | None:
+    """ItemError 503 `overloaded` for work that waited longer than `deadline_s` for its batch.
+
+    For the batch function: `enqueued_at` is WorkItem.enqueued_at (time.perf_counter()). Such an
+    item should be answered, not computed: its client has waited long enough, and computing it
+    only delays the items behind it.
+    """
+    if not deadline_s:
+        return None
+    waited = (time.perf_counter() if now is None else now) - enqueued_at
+    if waited <= deadline_s:
+        return None
+    return ItemError("overloaded", f"waited {waited:.2f} s for a batch (deadline {deadline_s:g} s); retry later", 503)
+
+
+# --- admission control ------------------------------------------------------------------------
+
+
+class AdmissionGate:
+    """Admit while in_flight < clamp(completions/s x deadline_s, floor, cap). Not thread-safe: one event loop."""
+
+    def __init__(self, deadline_s: float, floor: int, cap: int, window_s: float = 2.0):
+        self.deadline_s = deadline_s
+        self.floor = max(1, min(floor, cap))
+        self.cap = max(1, cap)
+        self.window_s = window_s
+        self.in_flight = 0
+        self._done: collections.deque[float] = collections.deque()
+        self._started_at = time.monotonic()
+
+    def rate(self, now: float) -> float:
+        """Requests finished per second over the last window (or since start, if shorter)."""
+        horizon = now - self.window_s
+        while self._done and self._done[0] < horizon:
+            self._done.popleft()
+        return len(self._done) / max(1e-3, min(self.window_s, now - self._started_at))
+
+    def limit(self, now: float) -> int:
+        return max(self.floor, min(self.cap, int(self.rate(now) * self.deadline_s)))
+
+    def try_enter(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if self.in_flight >= self.limit(now):
+            return False
+        self.in_flight += 1
+        return True
+
+    def leave(self, now: float | None = None) -> None:
+        self.in_flight -= 1
+        self._done.append(time.monotonic() if now is None else now)
+
+
+class _Settings:
+    token: bytes | None = None
+    gate: AdmissionGate | None = None
+
+
+SETTINGS = _Settings()
+
+
+def configure(config: ServeConfig, max_ongoing_requests: int | None = None) -> None:
+    """Apply the replica's settings (call once, in the deployment's constructor)."""
+    token = resolve_auth_token(config)
+    SETTINGS.token = token.encode() if token else None
+    if not config.queue_deadline_s:
+        SETTINGS.gate = None
+        return
+    ongoing = max_ongoing_requests or _replica_max_ongoing_requests() or 128
+    SETTINGS.gate = AdmissionGate(
+        deadline_s=config.queue_deadline_s,
+        floor=2 * config.batching.max_batch_size,  # two batches: one computing, one filling
+        cap=ongoing,  # beyond max_ongoing_requests, requests would wait in Ray's queue, unseen here
+    )
+
+
+def _replica_max_ongoing_requests() -> int | None:
+    try:
+        from ray import serve
+
+        return int(serve.get_replica_context()._deployment_config.max_ongoing_requests)
+    except Exception:  # noqa: BLE001 - outside a replica, or a Ray without this private field
+        return None
+
+
+# --- the ASGI middlewares ---------------------------------------------------------------------
+
+
+async def _send_error(send, status: int, code: str, message: str, headers: dict[str, str]) -> None:
+    body = orjson.dumps({"error": {"code": code, "message": message}})
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _bearer(scope) -> bytes | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, credentials = value.partition(b" ")
+            return credentials.strip() if scheme.lower() == b"bearer" else None
+    return None
+
+
+class BearerAuth:
+    def __init__(self, app, settings: _Settings = SETTINGS):
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope, receive, send):
+        token = self.settings.token
+        if token is None or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
+            return await self.app(scope, receive, send)
+        given = _bearer(scope)
+        if given is None or not hmac.compare_digest(given, token):
+            message = "missing bearer token" if given is None else "invalid bearer token"
+            return await _send_error(
+                send,
+                401,
+                "unauthorized",
+                f"{message}: send 'Authorization: Bearer <token>'",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        return await self.app(scope, receive, send)
+
+
+class OverloadGuard:
+    def __init__(self, app, settings: _Settings = SETTINGS):
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope, receive, send):
+        gate = self.settings.gate
+        if gate is None or scope["type"] != "http" or scope["path"] not in GUARDED_PATHS:
+            return await self.app(scope, receive, send)
+        if not gate.try_enter():
+            return await _send_error(
+                send,
+                503,
+                "overloaded",
+                f"the service is at capacity ({gate.in_flight} requests in progress); retry after "
+                f"{OVERLOADED_RETRY_AFTER_S} s",
+                {"Retry-After": str(OVERLOADED_RETRY_AFTER_S)},
+            )
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            gate.leave()
+
+
+def install(api) -> None:
+    """Add both middlewares to a FastAPI/Starlette app; auth runs first (outermost)."""
+    api.add_middleware(OverloadGuard)
+    api.add_middleware(BearerAuth)

@@ -1,0 +1,251 @@
+"""service/middleware.py without Ray: bearer auth, admission control, the queue deadline, and
+server.preflight; plus the security checks that need no service (no pickle on the load path)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import orjson
+import pytest
+
+from model import DEFAULT_BUNDLE
+from service.config import ServeConfig
+from service.middleware import (
+    AdmissionGate,
+    AuthConfigError,
+    BearerAuth,
+    OverloadGuard,
+    _Settings,
+    configure,
+    queue_deadline_error,
+    resolve_auth_token,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def call(app, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Run one ASGI request through `app`; (status, headers, body)."""
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+    }
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
+
+
+async def ok_app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+# --- bearer auth ---------------------------------------------------------------------------------
+
+
+def auth(token: str | None) -> BearerAuth:
+    settings = _Settings()
+    settings.token = token.encode() if token else None
+    return BearerAuth(ok_app, settings)
+
+
+def test_auth_off_passes_everything():
+    assert call(auth(None), "/v1/classify")[0] == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0"}, {"Authorization": "Bearer"}],
+)
+def test_auth_refuses_missing_or_wrong_token(headers):
+    status, hdrs, body = call(auth("s3cret"), "/v1/classify", headers)
+    assert status == 401
+    assert hdrs["www-authenticate"] == "Bearer" and hdrs["content-type"] == "application/json"
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "unauthorized" and "s3cret" not in error["message"]
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_auth_accepts_the_token(scheme):
+    assert call(auth("s3cret"), "/v1/feature-maps", {"Authorization": f"{scheme} s3cret"})[0] == 200
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/docs", "/openapi.json", "/redoc"])
+def test_auth_leaves_health_and_docs_open(path):
+    assert call(auth("s3cret"), path)[0] == 200
+
+
+def test_auth_token_from_env_or_file(tmp_path):
+    assert resolve_auth_token(ServeConfig()) is None
+    cfg = ServeConfig.from_env(environ={"CONVSERVE_AUTH_TOKEN": "t0ken"})
+    assert resolve_auth_token(cfg) == "t0ken"
+    assert "t0ken" not in repr(cfg) and "t0ken" not in str(cfg.model_dump())
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    assert resolve_auth_token(ServeConfig.from_env(environ={"CONVSERVE_AUTH_TOKEN_FILE": str(token_file)})) == (
+        "from-file"
+    )
+    with pytest.raises(AuthConfigError, match="cannot read"):
+        resolve_auth_token(ServeConfig(auth_token_file=str(tmp_path / "missing")))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(AuthConfigError, match="empty"):
+        resolve_auth_token(ServeConfig(auth_token_file=str(tmp_path / "empty")))
+
+
+# --- admission control -----------------------------------------------------------------------------
+
+
+def test_gate_admits_the_floor_when_idle_then_follows_the_rate():
+    gate = AdmissionGate(deadline_s=0.5, floor=4, cap=100, window_s=1.0)
+    gate._started_at = 0.0
+    assert [gate.try_enter(now=10.0) for _ in range(5)] == [True] * 4 + [False]
+    for _ in range(4):
+        gate.leave(now=10.0)
+    for i in range(60):
+        gate.in_flight += 1
+        gate.leave(now=10.0 + i / 100)
+    # 64 completions within the last second: 64/s x 0.5 s = 32 may be in flight
+    assert gate.in_flight == 0 and gate.limit(now=10.6) == 32
+    assert gate.limit(now=12.0) == 4  # the window has passed: back to the floor
+
+
+def test_gate_limit_is_capped():
+    gate = AdmissionGate(deadline_s=10.0, floor=4, cap=20, window_s=1.0)
+    gate._started_at = 0.0
+    for i in range(500):
+        gate.in_flight += 1
+        gate.leave(now=5.0 + i / 1000)
+    assert gate.limit(now=5.5) == 20
+
+
+def guard(gate: AdmissionGate | None) -> OverloadGuard:
+    settings = _Settings()
+    settings.gate = gate
+    return OverloadGuard(ok_app, settings)
+
+
+def test_guard_rejects_fast_with_json_503_and_retry_after():
+    gate = AdmissionGate(deadline_s=1.0, floor=2, cap=2)
+    gate.in_flight = 2
+    status, hdrs, body = call(guard(gate), "/v1/classify")
+    assert status == 503 and hdrs["retry-after"] == "1" and hdrs["content-type"] == "application/json"
+    assert orjson.loads(body)["error"]["code"] == "overloaded"
+    assert gate.in_flight == 2
+    # health checks and model info are never shed
+    assert call(guard(gate), "/healthz")[0] == 200 and call(guard(gate), "/v1/model")[0] == 200
+
+
+def test_guard_counts_admitted_requests_in_and_out():
+    gate = AdmissionGate(deadline_s=1.0, floor=2, cap=2)
+    assert call(guard(gate), "/v1/feature-maps")[0] == 200
+    assert gate.in_flight == 0 and len(gate._done) == 1
+    assert call(guard(None), "/v1/classify")[0] == 200  # queue_deadline_s = 0: no guard
+
+
+def test_configure_sizes_the_gate_from_the_config():
+    from service import middleware
+
+    configure(ServeConfig(queue_deadline_s=1.5), max_ongoing_requests=128)
+    gate = middleware.SETTINGS.gate
+    assert gate.deadline_s == 1.5 and gate.floor == 64 and gate.cap == 128
+    configure(ServeConfig(queue_deadline_s=0))
+    assert middleware.SETTINGS.gate is None and middleware.SETTINGS.token is None
+    configure(ServeConfig())  # back to the defaults for whatever runs next in this process
+
+
+def test_queue_deadline_error():
+    assert queue_deadline_error(enqueued_at=10.0, deadline_s=2.0, now=11.9) is None
+    assert queue_deadline_error(enqueued_at=10.0, deadline_s=0, now=100.0) is None
+    err = queue_deadline_error(enqueued_at=10.0, deadline_s=2.0, now=12.5)
+    assert (err.status, err.code) == (503, "overloaded") and "2.50 s" in err.message
+
+
+# --- start-up preflight ------------------------------------------------------------------------------
+
+
+def test_preflight_passes_the_embedded_bundle():
+    from service.server import preflight
+
+    if not (DEFAULT_BUNDLE / "bundle.json").is_file():
+        pytest.skip("embedded bundle not trained yet (make train)")
+    preflight(ServeConfig())
+
+
+def test_preflight_refuses_missing_or_corrupted_bundles(tmp_path):
+    from service.server import preflight
+
+    with pytest.raises(SystemExit, match=r"cannot serve the model bundle .*bundle\.json: missing"):
+        preflight(ServeConfig(bundle_path=str(tmp_path / "nope")))
+    if not (DEFAULT_BUNDLE / "bundle.json").is_file():
+        pytest.skip("embedded bundle not trained yet (make train)")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    weights = bundle / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match="SHA-256 mismatch"):
+        preflight(ServeConfig(bundle_path=str(bundle)))
+    with pytest.raises(SystemExit, match="auth_token_file"):
+        preflight(ServeConfig(auth_token_file=str(tmp_path / "no-token")))
+
+
+# --- no pickle on the load path ------------------------------------------------------------------------
+
+
+def _unsafe_calls(source: str) -> list[tuple[int, str]]:
+    """(line, what) for code (not comments or docstrings) that unpickles."""
+    import io
+    import tokenize
+
+    tokens = [
+        t for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type in (tokenize.NAME, tokenize.OP)
+    ]
+    found = []
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.NAME and tok.string in ("pickle", "cloudpickle", "dill", "joblib"):
+            found.append((tok.start[0], tok.string))
+        nxt = [t.string for t in tokens[i + 1 : i + 3]]
+        if tok.string == "torch" and nxt == [".", "load"]:
+            found.append((tok.start[0], "torch.load"))
+        if tok.string == "weights_only" and nxt == ["=", "False"]:
+            found.append((tok.start[0], "weights_only=False"))
+        if tok.string == "allow_pickle" and nxt == ["=", "True"]:
+            found.append((tok.start[0], "allow_pickle=True"))
+    return found
+
+
+def test_unsafe_call_finder_finds_them():
+    code = (
+        "import pickle\nx = torch.load(f, weights_only=False)\nnp.load(f, allow_pickle=True)\n# pickle in a comment\n"
+    )
+    assert [what for _, what in _unsafe_calls(code)] == [
+        "pickle",
+        "torch.load",
+        "weights_only=False",
+        "allow_pickle=True",
+    ]
+
+
+def test_no_pickle_on_the_load_path():
+    """Weights load through safetensors only: no torch.load, pickle or weights_only=False in model/ or service/."""
+    found = []
+    for path in sorted([*REPO.glob("model/**/*.py"), *REPO.glob("service/**/*.py")]):
+        for number, what in _unsafe_calls(path.read_text()):
+            found.append(f"{path.relative_to(REPO)}:{number}: {what}")
+    assert not found, "unsafe deserialisation on the load path:\n" + "\n".join(found)
+    assert list(REPO.glob("model/bundles/*/model.safetensors")), "the embedded bundle should be safetensors"
+    assert not [p for p in REPO.glob("model/bundles/**/*") if p.suffix in (".pt", ".pth", ".pkl", ".bin")]
