@@ -7,7 +7,7 @@ DATA   ?= ../shared/datasets/cifar10
 BUNDLE ?= model/bundles/convservenet-cifar10
 ARGS   ?=
 
-.PHONY: setup serve test test-all train evaluate lint format clean loadtest
+.PHONY: setup serve test test-all train evaluate lint format clean loadtest bench
 
 setup: $(VENV)/.installed
 
@@ -44,3 +44,6 @@ format: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache runs
+
+bench: setup
+	$(PY) -m loadtests.bench $(ARGS)

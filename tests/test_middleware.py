@@ -160,7 +160,7 @@ def test_configure_sizes_the_gate_from_the_config():
 
     configure(ServeConfig(queue_deadline_s=1.5), max_ongoing_requests=128)
     gate = middleware.SETTINGS.gate
-    assert gate.deadline_s == 1.5 and gate.floor == 64 and gate.cap == 128
+    assert gate.deadline_s == 1.5 and gate.floor == 64 and gate.cap == 120
     configure(ServeConfig(queue_deadline_s=0))
     assert middleware.SETTINGS.gate is None and middleware.SETTINGS.token is None
     configure(ServeConfig())  # back to the defaults for whatever runs next in this process

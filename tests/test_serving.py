@@ -332,8 +332,22 @@ def wait_for(predicate, timeout_s: float = 60.0):
         time.sleep(1.0)
 
 
+def settled_scrape(service, name: str = "ray_convserve_images_total") -> dict:
+    """A scrape whose `name` total no longer changes: Ray exports in periodic batches."""
+    import time
+
+    last = scrape(service)
+    for _ in range(20):
+        time.sleep(3.0)
+        now = scrape(service)
+        if name in now and total(now, name) == total(last, name):
+            return now
+        last = now
+    return last
+
+
 def test_metrics_move_by_the_expected_amounts(service):
-    before = scrape(service)
+    before = settled_scrape(service)
     images_before = total(before, "ray_convserve_images_total", endpoint="classify")
     ok_before = total(before, "ray_convserve_requests_total", endpoint="classify", status="200")
     bad_before = total(before, "ray_convserve_requests_total", endpoint="classify", status="415")
@@ -355,8 +369,8 @@ def test_metrics_move_by_the_expected_amounts(service):
         done = total(now, "ray_convserve_images_total", endpoint="classify") >= images_before + 15
         return now if done and total(now, "ray_convserve_batch_size_count") > 0 else None
 
-    after = wait_for(moved)
-    assert after, "metrics did not move within 60 s"
+    assert wait_for(moved), "metrics did not move within 60 s"
+    after = settled_scrape(service)
     # 7 + 8 images; the 415 request is refused before its body is read as an image
     assert total(after, "ray_convserve_images_total", endpoint="classify") == images_before + 15
     assert total(after, "ray_convserve_requests_total", endpoint="classify", status="200") == ok_before + 15

@@ -1,0 +1,37 @@
+"""The benchmark runs in its short mode and writes a valid results file (targets are its report's job)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model import DEFAULT_BUNDLE
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.integration
+
+
+def test_bench_quick_writes_results(tmp_path):
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk not installed (apt-get install wrk; .ci/run installs it)")
+    if not (DEFAULT_BUNDLE / "bundle.json").is_file():
+        pytest.skip("embedded bundle not trained yet")
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtests.bench", "--quick", "--no-compare", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["offline"]["images_per_s"] > 0 and results["offline"]["single_image_latency_p50_ms"] > 0
+    rows = results["served"]["batching_on"]
+    assert [r["concurrency"] for r in rows] == [1, 8]
+    assert all(r["requests"] > 0 and r["images_per_s"] > 0 for r in rows)
+    assert results["targets"]["errors"] == 0
+    assert "served_over_offline" in results["targets"]
+    assert "x offline" in proc.stdout
