@@ -337,8 +337,8 @@ def settled_scrape(service, name: str = "ray_convserve_images_total") -> dict:
     import time
 
     last = scrape(service)
-    for _ in range(20):
-        time.sleep(3.0)
+    for _ in range(8):
+        time.sleep(11.0)  # longer than Ray's metrics report interval (10 s)
         now = scrape(service)
         if name in now and total(now, name) == total(last, name):
             return now
