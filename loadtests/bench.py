@@ -154,7 +154,17 @@ class Service:
 
 def run_wrk(base: str, concurrency: int, seconds: float, lua: Path) -> dict:
     threads = 1 if concurrency < 8 else 2
-    cmd = ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "30s", "-s", str(lua), base]
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{concurrency}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "30s",
+        "-s",
+        str(lua),
+        base,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
     match = re.search(r"^JSON (\{.*\})$", out, re.M)
     if not match:
