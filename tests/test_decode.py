@@ -19,8 +19,7 @@ from PIL import Image, ImageOps, features
 
 from service.decode import decode_image_bytes, sniff_format
 from service.errors import ApiError
-from tests.images import encode, noise, smooth
-from tests.images import png_chunk as _png_chunk
+from tests.images import encode, gif_bomb, noise, png_bomb, smooth
 
 MAX_PIXELS = 40_000_000  # the service default (service.config.Limits.max_image_pixels)
 
@@ -308,11 +307,8 @@ def _assert_refused_cheaply(data: bytes, size: str) -> None:
 
 
 def test_png_declaring_a_huge_size_is_refused_before_decoding():
-    small = encode(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG")
-    assert small[12:16] == b"IHDR"
-    ihdr = bytearray(small[16:29])
-    ihdr[0:8] = struct.pack(">II", 20000, 20000)
-    bomb = small[:8] + _png_chunk(b"IHDR", bytes(ihdr)) + small[33:]
+    bomb = png_bomb(20000, 20000)
+    assert bomb[12:16] == b"IHDR"
     assert len(bomb) < 100
     # The patched header is consistent (valid CRC): Pillow would really try to decode it.
     assert Image.open(io.BytesIO(bomb)).size == (20000, 20000)
@@ -321,15 +317,7 @@ def test_png_declaring_a_huge_size_is_refused_before_decoding():
 
 def test_gif_declaring_a_huge_size_is_refused_before_decoding():
     width = height = 30000
-    bomb = (
-        b"GIF89a"
-        + struct.pack("<HHBBB", width, height, 0x80, 0, 0)  # logical screen, 2-colour global table
-        + b"\x00\x00\x00\xff\xff\xff"
-        + b"\x2c"
-        + struct.pack("<HHHHB", 0, 0, width, height, 0)  # image descriptor
-        + b"\x02\x02\x4c\x01\x00"  # LZW minimum code size 2, one tiny data block
-        + b"\x3b"
-    )
+    bomb = gif_bomb(width, height)
     assert Image.open(io.BytesIO(bomb)).size == (width, height)
     _assert_refused_cheaply(bomb, "30000x30000")
 
