@@ -96,7 +96,7 @@ async def _internal_error(_request: Request, exc: Exception) -> Response:
 
 
 # Defaults for a bare `serve run service.app:build_app`; deploy/serve_config.yaml sets the real ones.
-@serve.deployment(name="ConvServe", max_ongoing_requests=128, max_queued_requests=512)
+@serve.deployment(name="ConvServe", max_ongoing_requests=256, max_queued_requests=512)
 @serve.ingress(api)
 class ConvServe:
     def __init__(self, config: dict | None = None):
@@ -134,6 +134,16 @@ class ConvServe:
     def _apply_batching(self, batching: BatchingConfig) -> None:
         self._batched.set_max_batch_size(batching.max_batch_size)
         self._batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._waiting_alone = False
+
+    def _set_batch_wait(self, alone: bool) -> None:
+        """No wait for company when no other request is in this replica: none can join the batch
+        in time (a closed-loop client waits for this answer first), so the wait would be pure
+        latency. Ray reads the timeout when a batch's first item arrives, so setting it just
+        before enqueueing applies to that batch."""
+        if alone != self._waiting_alone:
+            self._waiting_alone = alone
+            self._batched.set_batch_wait_timeout_s(0.0 if alone else self.config.batching.batch_wait_timeout_s)
 
     def check_health(self) -> None:
         # On the forward thread: a health-check pass must never run beside a batch (they share
@@ -171,6 +181,7 @@ class ConvServe:
     async def _run(self, prepared: list[WorkItem | ItemError]) -> list[ItemResult | ItemError]:
         work = [p for p in prepared if isinstance(p, WorkItem)]
         await self._forward_idle.wait()  # see __init__: join the next batch, not a batch of one
+        self._set_batch_wait(alone=self.metrics.inflight == 1)
         done = iter(await asyncio.gather(*(self._batched(w) for w in work)))
         return [next(done) if isinstance(p, WorkItem) else p for p in prepared]
 

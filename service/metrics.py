@@ -68,6 +68,11 @@ class ServiceMetrics:
         )
         self._inflight = 0
 
+    @property
+    def inflight(self) -> int:
+        """Requests in this replica right now (reading, decoding, batched or computing)."""
+        return self._inflight
+
     def request_started(self) -> None:
         self._inflight += 1
         self.inflight_requests.set(self._inflight)
