@@ -53,7 +53,9 @@ class ServeConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp_dtype: Literal["bf16", "fp16", "off"] = Field("bf16", description="autocast dtype on CUDA (CPU: float32)")
     channels_last: bool = True
-    torch_threads: int | None = Field(None, gt=0, description="intra-op threads per replica; None = Ray's default (the replica's num_cpus)")
+    torch_threads: int | None = Field(
+        None, gt=0, description="intra-op threads per replica; None = Ray's default (the replica's num_cpus)"
+    )
     warmup_batch_sizes: list[int] | None = Field(None, description="None = powers of two up to max_batch_size")
 
     # Batching defaults (the deployment's user_config overrides them, live)
