@@ -122,8 +122,11 @@ def decode_image_bytes(data: bytes, max_pixels: int) -> torch.Tensor:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # libjpeg's "premature end of data" is a failure here
+                # torchvision 0.29 deprecates its decoders with a DeprecationWarning on every call;
+                # raised as an error it would send every JPEG down the slower Pillow path.
+                warnings.simplefilter("ignore", DeprecationWarning)
                 encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                return decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+                return decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True).contiguous()
         except Exception:  # noqa: BLE001
             pass  # CMYK and other JPEGs libjpeg-turbo declines; Pillow decides below
     return _decode_with_pillow(data, max_pixels)

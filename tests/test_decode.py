@@ -66,6 +66,19 @@ def test_real_cifar_jpeg(real_jpeg):
     assert (out.int() - want.int()).abs().max() <= 3  # libjpeg-turbo and Pillow may round IDCT differently
 
 
+def test_rgb_jpeg_takes_the_libjpeg_turbo_path(real_jpeg, monkeypatch):
+    # Pillow is the fallback for JPEGs libjpeg-turbo declines; a plain RGB JPEG must never need it
+    # (torchvision 0.29's DeprecationWarning once sent every JPEG there, at 4x the cost).
+    import service.decode
+
+    def no_pillow(*_args):
+        raise AssertionError("RGB JPEG decoded by Pillow")
+
+    monkeypatch.setattr(service.decode, "_decode_with_pillow", no_pillow)
+    assert tuple(decode(real_jpeg).shape) == (3, 32, 32)
+    assert tuple(decode(encode(smooth(40, 24), "JPEG", quality=90)).shape) == (3, 24, 40)
+
+
 def test_jpeg_rgb_keeps_height_width_and_colours():
     img = smooth(40, 24)
     out = decode(encode(img, "JPEG", quality=95))
