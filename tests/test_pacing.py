@@ -1,0 +1,72 @@
+"""ForwardPacer (service/pacing.py): the gate that lets the next batch form just before the forward
+thread is free. Pure asyncio, real clock, short durations."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.pacing import ForwardPacer
+
+
+def test_prediction_interpolates_between_measured_sizes_and_scales_beyond():
+    pacer = ForwardPacer(0.0, seed_durations_s={1: 0.010, 8: 0.040, 32: 0.160})
+    assert pacer.predict_s(1) == pytest.approx(0.010)
+    assert pacer.predict_s(4) == pytest.approx(0.010 + 3 / 7 * 0.030)
+    assert pacer.predict_s(20) == pytest.approx(0.040 + 12 / 24 * 0.120)
+    assert pacer.predict_s(64) == pytest.approx(0.320)  # per image beyond the largest measured
+    assert ForwardPacer(0.0).predict_s(16) == 0.0  # nothing measured yet: no wait
+
+
+def test_measurements_move_the_prediction_smoothly():
+    pacer = ForwardPacer(0.0, seed_durations_s={32: 0.100}, smoothing=0.5)
+    pacer.observe(32, 0.200)
+    assert pacer.predict_s(32) == pytest.approx(0.150)
+    pacer.observe(16, 0.050)  # a new size is taken as measured
+    assert pacer.predict_s(16) == pytest.approx(0.050)
+
+
+def test_gate_is_open_while_idle_and_closes_for_a_long_batch():
+    async def scenario():
+        pacer = ForwardPacer(lead_s=0.005, seed_durations_s={32: 0.200})
+        assert pacer.idle
+        await asyncio.wait_for(pacer.wait_turn(), 0.01)  # idle: no wait at all
+        pacer.submitted(32)
+        assert not pacer.idle
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pacer.wait_turn(), 0.05)  # 200 ms to go: hold
+        pacer.finished(32, 0.21)
+        await asyncio.wait_for(pacer.wait_turn(), 0.01)
+        assert pacer.idle
+
+    asyncio.run(scenario())
+
+
+def test_gate_opens_lead_before_the_running_batch_is_predicted_to_end():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        pacer = ForwardPacer(lead_s=0.030, seed_durations_s={32: 0.100})
+        start = loop.time()
+        pacer.submitted(32)
+        await asyncio.wait_for(pacer.wait_turn(), 1.0)
+        return loop.time() - start
+
+    waited = asyncio.run(scenario())
+    assert 0.060 <= waited <= 0.095, waited  # about 100 ms - 30 ms lead, well before the batch ends
+
+
+def test_a_queued_batch_keeps_the_gate_shut_until_it_runs():
+    async def scenario():
+        pacer = ForwardPacer(lead_s=0.005, seed_durations_s={1: 0.001, 32: 0.001})
+        pacer.submitted(32)  # running
+        pacer.submitted(32)  # queued behind it: the next requests must wait for a third batch
+        await asyncio.sleep(0.02)  # past both predictions: still shut while two are in the pool
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pacer.wait_turn(), 0.02)
+        pacer.finished(32, 0.001)  # the queued one runs now and ends within lead_s
+        await asyncio.wait_for(pacer.wait_turn(), 0.02)
+        pacer.finished(32, None)  # a failed batch: no measurement, the pool still empties
+        assert pacer.idle and pacer.predict_s(32) == pytest.approx(0.001)
+
+    asyncio.run(scenario())
