@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model import DEFAULT_BUNDLE, load_bundle
 from service.config import MAX_BATCH_SIZE_LIMIT, BatchingConfig, ServeConfig
 from service.decode import decode_image_bytes
-from service.errors import ApiError, bad_request, not_found
+from service.errors import ApiError, bad_request, not_found, timed_out
 from service.featuremaps import layer_json, to_npy, to_png_grid
 from service.inputs import ImageRequest, parse_top_k, read_images, single_image
 from service.metrics import ServiceMetrics
@@ -33,7 +33,13 @@ from service.predictor import BatchedPredictor, ItemError, ItemResult, WorkItem,
 
 log = logging.getLogger("convserve")
 
+# The result for work dropped because its client was answered 504 already (see _batched).
+EXPIRED = ItemError("timeout", "expired before its batch ran", 504)
+
 PACING_MARGIN_S = 0.003  # the next batch is handed over this long before the forward thread is free
+# The replica answers 504 JSON this long before the ingress's request_timeout_s would cut the
+# connection with a bare 408/504 of its own.
+TIMEOUT_MARGIN_S = 1.0
 
 _IMAGE_BODY = {
     "required": True,
@@ -159,15 +165,23 @@ class ConvServe:
     # pool, so that it starts the moment the first ends (service/pacing.py).
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.004, max_concurrent_batches=2)
     async def _batched(self, items: list[WorkItem]) -> list[ItemResult | ItemError]:
+        # Work whose client was already answered 504 is dropped, not computed.
+        now = time.perf_counter()
+        live = [i for i in items if i.deadline is None or i.deadline > now]
+        if not live:
+            return [EXPIRED] * len(items)
         loop = asyncio.get_running_loop()
-        self.pacer.submitted(len(items))
+        self.pacer.submitted(len(live))
         seconds = None
         try:
-            results, started, seconds = await loop.run_in_executor(self._forward_pool, self._timed_predict, items)
+            results, started, seconds = await loop.run_in_executor(self._forward_pool, self._timed_predict, live)
         finally:
-            self.pacer.finished(len(items), seconds)
+            self.pacer.finished(len(live), seconds)
         inference_s = next((r.inference_s for r in results if isinstance(r, ItemResult)), 0.0)
-        self.metrics.batch_done(len(items), inference_s, [started - i.enqueued_at for i in items])
+        self.metrics.batch_done(len(live), inference_s, [started - i.enqueued_at for i in live])
+        if len(live) < len(items):
+            done = iter(results)
+            results = [next(done) if i.deadline is None or i.deadline > now else EXPIRED for i in items]
         return results
 
     def _timed_predict(self, items: list[WorkItem]) -> tuple[list[ItemResult | ItemError], float, float]:
@@ -190,12 +204,38 @@ class ConvServe:
         self.metrics.preprocess_seconds.observe(time.perf_counter() - start)
         return WorkItem(image=tensor, top_k=top_k, layers=layers, enqueued_at=time.perf_counter())
 
-    async def _run(self, prepared: list[WorkItem | ItemError]) -> list[ItemResult | ItemError]:
+    async def _prepare_all(self, images: list[bytes | ItemError], top_k: int) -> list[WorkItem | ItemError]:
+        """Decode a request's images, yielding to the event loop between them: a 64-image request
+        must not hold up every other request's start (and deadline) while it decodes."""
+        prepared = []
+        for i, data in enumerate(images):
+            if i:
+                await asyncio.sleep(0)
+            prepared.append(self._prepare(data, top_k, ()))
+        return prepared
+
+    async def _run(self, prepared: list[WorkItem | ItemError], deadline: float) -> list[ItemResult | ItemError]:
+        """Batch the prepared items; 504 `timeout` past `deadline` (time.perf_counter())."""
         work = [p for p in prepared if isinstance(p, WorkItem)]
-        await self.pacer.wait_turn()  # join the next batch, not a batch of one (service/pacing.py)
-        self._set_batch_wait(alone=self.pacer.idle and self.metrics.inflight == 1)
-        done = iter(await asyncio.gather(*(self._batched(w) for w in work)))
+        for w in work:
+            w.deadline = deadline
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
+                await self.pacer.wait_turn()  # join the next batch, not a batch of one (service/pacing.py)
+                self._set_batch_wait(alone=self.pacer.idle and self.metrics.inflight == 1)
+                results = await asyncio.gather(*(self._batched(w) for w in work))
+        except TimeoutError:
+            raise timed_out(
+                f"no answer within {self.config.request_timeout_s - TIMEOUT_MARGIN_S:g} s "
+                "(request_timeout_s less a margin); the service is busy, retry later"
+            ) from None
+        if any(r is EXPIRED for r in results):
+            raise timed_out("the request expired before its batch ran; the service is busy, retry later")
+        done = iter(results)
         return [next(done) if isinstance(p, WorkItem) else p for p in prepared]
+
+    def _deadline(self) -> float:
+        return time.perf_counter() + max(0.1, self.config.request_timeout_s - TIMEOUT_MARGIN_S)
 
     def _predictions(self, result: ItemResult) -> list[dict]:
         return [{"label": p.label, "index": p.index, "score": round(p.score, 6)} for p in result.predictions]
@@ -216,17 +256,18 @@ class ConvServe:
         self, request: Request, top_k: int | None = Query(None, description="how many classes, 1..number of classes")
     ) -> Response:
         self.metrics.request_started()
+        deadline = self._deadline()
         status = 500
         try:
             req = await self._images(request, "classify")
             k = parse_top_k(
                 req.top_k if req.top_k is not None else top_k, self.config.limits.default_top_k, len(self.bundle.labels)
             )
-            prepared = [self._prepare(data, k, ()) for data in req.images]
+            prepared = await self._prepare_all(req.images, k)
             if not req.multi and isinstance(prepared[0], ItemError):
                 err = prepared[0]
                 raise ApiError(err.status, err.code, err.message)
-            results = await self._run(prepared)
+            results = await self._run(prepared, deadline)
             model_id = self.bundle.model_id
             if not req.multi:
                 body = {"model": model_id, "predictions": self._predictions(results[0])}
@@ -255,6 +296,7 @@ class ConvServe:
         include: str | None = Query(None, description="'values' adds the maps themselves (base64 float32)"),
     ) -> Response:
         self.metrics.request_started()
+        deadline = self._deadline()
         status = 500
         try:
             if format not in ("json", "png", "npy"):
@@ -271,7 +313,7 @@ class ConvServe:
             prepared = self._prepare(single_image(req), 1, layers)
             if isinstance(prepared, ItemError):
                 raise ApiError(prepared.status, prepared.code, prepared.message)
-            result = (await self._run([prepared]))[0]
+            result = (await self._run([prepared], deadline))[0]
             headers = self._headers([result])
             if format == "png":
                 response = Response(

@@ -39,3 +39,7 @@ def unprocessable(code: str, message: str) -> ApiError:
 
 def not_found(code: str, message: str) -> ApiError:
     return ApiError(404, code, message)
+
+
+def timed_out(message: str) -> ApiError:
+    return ApiError(504, "timeout", message)

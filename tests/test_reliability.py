@@ -611,3 +611,28 @@ def test_ray_timeout_and_backpressure_answers_are_text(fresh_service, tmp_path):
             "retry_after": refused[0].headers.get("retry-after"),
         },
     )
+
+
+def test_request_timeout_is_a_json_504_before_the_ingress_cuts_in(fresh_service):
+    """The replica answers 504 `timeout` (JSON) request_timeout_s - 1 s after a request starts, so
+    clients see our error rather than the ingress's bare 408; the dropped work is not computed."""
+    svc = fresh_service(CONVSERVE_REQUEST_TIMEOUT_S="3", CONVSERVE_QUEUE_DEADLINE_S="0")
+    body, content_type = _multipart([big_jpeg(i) for i in range(64)])
+
+    def send(_):
+        started = time.monotonic()
+        resp = classify(svc, body, content_type, top_k=1)
+        return resp, time.monotonic() - started
+
+    with ThreadPoolExecutor(8) as pool:  # 512 images: several seconds of work, 2 s allowed
+        answers = list(pool.map(send, range(8)))
+    statuses_seen = Counter(r.status_code for r, _ in answers)
+    record("request_timeout", {"statuses": dict(statuses_seen), "latencies_s": [round(t, 2) for _, t in answers]})
+    assert set(statuses_seen) <= {200, 504}, statuses_seen
+    timeouts = [(r, t) for r, t in answers if r.status_code == 504]
+    assert timeouts, statuses_seen
+    for resp, took in timeouts:
+        assert resp.headers["content-type"].startswith("application/json")
+        assert resp.json()["error"]["code"] == "timeout"
+        assert 1.5 <= took < 3.0, took  # at about 2 s: before Ray's own cut at 3 s
+    assert_healthy_with_auth(svc)
