@@ -30,7 +30,6 @@ from pathlib import Path
 import orjson
 
 from service.config import ServeConfig
-from service.predictor import ItemError
 
 OVERLOADED_RETRY_AFTER_S = 1
 GUARDED_PATHS = ("/v1/classify", "/v1/feature-maps")
@@ -54,21 +53,6 @@ def resolve_auth_token(config: ServeConfig) -> str | None:
             raise AuthConfigError(f"auth_token_file {config.auth_token_file}: empty")
         return token
     return None
-
-
-def queue_deadline_error(enqueued_at: float, deadline_s: float | None, now: float | None = None) -> ItemError | None:
-    """ItemError 503 `overloaded` for work that waited longer than `deadline_s` for its batch.
-
-    For the batch function: `enqueued_at` is WorkItem.enqueued_at (time.perf_counter()). Such an
-    item should be answered, not computed: its client has waited long enough, and computing it
-    only delays the items behind it.
-    """
-    if not deadline_s:
-        return None
-    waited = (time.perf_counter() if now is None else now) - enqueued_at
-    if waited <= deadline_s:
-        return None
-    return ItemError("overloaded", f"waited {waited:.2f} s for a batch (deadline {deadline_s:g} s); retry later", 503)
 
 
 # --- admission control ------------------------------------------------------------------------

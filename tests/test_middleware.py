@@ -19,7 +19,6 @@ from service.middleware import (
     OverloadGuard,
     _Settings,
     configure,
-    queue_deadline_error,
     resolve_auth_token,
 )
 
@@ -164,16 +163,6 @@ def test_configure_sizes_the_gate_from_the_config():
     configure(ServeConfig(queue_deadline_s=0))
     assert middleware.SETTINGS.gate is None and middleware.SETTINGS.token is None
     configure(ServeConfig())  # back to the defaults for whatever runs next in this process
-
-
-def test_queue_deadline_error():
-    assert queue_deadline_error(enqueued_at=10.0, deadline_s=2.0, now=11.9) is None
-    assert queue_deadline_error(enqueued_at=10.0, deadline_s=0, now=100.0) is None
-    err = queue_deadline_error(enqueued_at=10.0, deadline_s=2.0, now=12.5)
-    assert (err.status, err.code) == (503, "overloaded") and "2.50 s" in err.message
-
-
-# --- start-up preflight ------------------------------------------------------------------------------
 
 
 def test_preflight_passes_the_embedded_bundle():
