@@ -74,7 +74,7 @@ class ServeConfig(BaseModel):
 
     # Reliability and security (service/middleware.py, docs/reliability.md)
     queue_deadline_s: float = Field(
-        1.5,
+        1.0,
         ge=0,
         description="503 `overloaded` at once for a request the replica could not finish within this many "
         "seconds at its current rate (admission control); 0 = off",
