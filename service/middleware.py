@@ -12,7 +12,7 @@ Both answer on their own, with convserve's JSON error body, before a request bod
   that it is answered at once with 503 `overloaded` and `Retry-After: 1`, so that past capacity
   latency stays bounded and refusals are fast, instead of every request waiting in a queue that
   only grows. The admitted count is at least two batches (`2 x max_batch_size`) and stays a little
-  below the deployment's `max_ongoing_requests` (120 of 128), so that requests do not wait in
+  below the deployment's `max_ongoing_requests` (240 of 256), so that requests do not wait in
   Ray's own queue, where this guard cannot see them.
 
 Both are installed on the FastAPI app at import (`install(api)`) and configured from the
