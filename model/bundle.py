@@ -34,19 +34,29 @@ class BundleError(Exception):
 
 def build_model(arch: str, arch_args: dict) -> nn.Module:
     """An untrained network for `arch`: ours, or any `torchvision:<name>` classifier."""
+    if not isinstance(arch_args, dict):
+        raise BundleError(f"arch_args must be a JSON object, got {type(arch_args).__name__}")
     if arch == CONVSERVE_ARCH:
         args = dict(arch_args)
         if "widths" in args:
             args["widths"] = tuple(args["widths"])
-        return ConvServeNet(**args)
+        return _construct(arch, ConvServeNet, args)
     if arch.startswith("torchvision:"):
         from torchvision import models
 
         name = arch.split(":", 1)[1]
         if name not in models.list_models(module=models):
             raise BundleError(f"unknown architecture {arch!r}: torchvision has no classification model {name!r}")
-        return models.get_model(name, weights=None, **arch_args)
+        return _construct(arch, lambda **kw: models.get_model(name, weights=None, **kw), arch_args)
     raise BundleError(f"unknown architecture {arch!r}: use {CONVSERVE_ARCH!r} or 'torchvision:<model name>'")
+
+
+def _construct(arch: str, factory, args: dict) -> nn.Module:
+    """The network, or a BundleError naming the bad arguments (a typo in bundle.json, say)."""
+    try:
+        return factory(**args)
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"cannot build {arch} from arch_args {args}: {e}") from None
 
 
 def sha256_file(path: Path) -> str:
@@ -113,6 +123,7 @@ def save_bundle(
     weights = path / WEIGHTS_FILE
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights))
+    weights.chmod(0o644)  # safetensors writes 0600; a bundle is meant to be read by a serving user
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,

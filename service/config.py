@@ -101,6 +101,10 @@ class ServeConfig(BaseModel):
                 batching[field] = value
             elif field in Limits.model_fields:
                 limits[field] = value
-            elif field in cls.model_fields:
+            elif field in cls.model_fields and field not in ("batching", "limits"):
                 data[field] = value.split(",") if field == "warmup_batch_sizes" else value
+            else:  # a typo would otherwise be ignored in silence
+                known = sorted([*cls.model_fields, *BatchingConfig.model_fields, *Limits.model_fields])
+                known = [f"CONVSERVE_{k.upper()}" for k in known if k not in ("batching", "limits")]
+                raise ValueError(f"{key} is not a convserve setting; known: {', '.join(known)}")
         return cls.model_validate({**data, "batching": batching, "limits": limits})

@@ -250,7 +250,10 @@ def preflight(config: ServeConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
-    config = config_from_args(a)
+    try:
+        config = config_from_args(a)
+    except ValueError as e:  # pydantic's ValidationError included: a bad setting, not a crash
+        raise SystemExit(f"convserve: invalid configuration: {e}") from None
     preflight(config)
     return serve_forever(config, options_from_args(a, config), a.num_cpus)
 

@@ -111,6 +111,24 @@ def test_invalid_env_values_are_rejected(environ):
         ServeConfig.from_env(environ=environ)
 
 
+@pytest.mark.parametrize("key", ["CONVSERVE_MAX_BATCHSIZE", "CONVSERVE_TORCH_THREAD", "CONVSERVE_BATCHING"])
+def test_unknown_convserve_env_vars_are_refused_by_name(key):
+    with pytest.raises(ValueError, match=f"{key} is not a convserve setting; known: .*CONVSERVE_MAX_BATCH_SIZE"):
+        ServeConfig.from_env(environ={key: "1"})
+
+
+def test_serve_exits_with_a_clear_message_on_a_bad_setting(monkeypatch):
+    from service.server import main
+
+    monkeypatch.setenv("CONVSERVE_MAX_BATCHSIZE", "16")
+    with pytest.raises(SystemExit, match="convserve: invalid configuration: CONVSERVE_MAX_BATCHSIZE is not"):
+        main(["--port", "18999"])
+    monkeypatch.delenv("CONVSERVE_MAX_BATCHSIZE")
+    monkeypatch.setenv("CONVSERVE_MAX_BATCH_SIZE", "sixteen")
+    with pytest.raises(SystemExit, match="(?s)convserve: invalid configuration: .*max_batch_size"):
+        main(["--port", "18999"])
+
+
 def test_replica_settings_are_not_app_settings():
     """max_ongoing_requests and replica counts are Ray Serve's, in the Serve config file's deployment."""
     for key in ("max_ongoing_requests", "num_replicas", "num_gpus"):

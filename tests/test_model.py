@@ -184,6 +184,14 @@ def test_preset_rgb_32_is_not_resized(rgb32):
     torch.testing.assert_close(out, _expected(rgb32))
 
 
+def test_preset_normalize_leaves_its_input_alone(rgb32):
+    as_float = rgb32.float()
+    before = as_float.clone()
+    out = _preset().normalize(as_float)
+    assert torch.equal(as_float, before)  # a float input is not scaled in place
+    assert torch.allclose(out, _preset().normalize(rgb32))
+
+
 def test_preset_gray_2d_and_1_channel(rgb32):
     preset = _preset()
     gray = rgb32[0]
@@ -404,6 +412,26 @@ def test_weights_not_matching_architecture_refused(tmp_path):
     _edit_manifest(path, arch_args={"num_classes": 10, "widths": [16, 32, 64]})
     with pytest.raises(BundleError, match="cannot load"):
         load_bundle(path)
+
+
+@pytest.mark.parametrize(
+    "arch, arch_args",
+    [
+        ("convserve:convservenet", {"num_classes": 10, "widhts": [16, 32, 64]}),  # a typo
+        ("torchvision:resnet18", {"num_clases": 10}),
+        ("convserve:convservenet", [10]),
+    ],
+)
+def test_bad_arch_args_refused_with_a_bundle_error(tmp_path, arch, arch_args):
+    _, path = _save_small(tmp_path / "b")
+    _edit_manifest(path, arch=arch, arch_args=arch_args)
+    with pytest.raises(BundleError, match="arch_args"):
+        load_bundle(path)
+
+
+def test_saved_weights_are_readable_by_others(tmp_path):
+    _, path = _save_small(tmp_path / "b")
+    assert (path / WEIGHTS_FILE).stat().st_mode & 0o044 == 0o044
 
 
 def test_torchvision_bundle_round_trip(tmp_path):
