@@ -204,15 +204,25 @@ class ConvServe:
         self.metrics.preprocess_seconds.observe(time.perf_counter() - start)
         return WorkItem(image=tensor, top_k=top_k, layers=layers, enqueued_at=time.perf_counter())
 
-    async def _prepare_all(self, images: list[bytes | ItemError], top_k: int) -> list[WorkItem | ItemError]:
+    async def _prepare_all(
+        self, images: list[bytes | ItemError], top_k: int, deadline: float
+    ) -> list[WorkItem | ItemError]:
         """Decode a request's images, yielding to the event loop between them: a 64-image request
         must not hold up every other request's start (and deadline) while it decodes."""
         prepared = []
         for i, data in enumerate(images):
             if i:
                 await asyncio.sleep(0)
+                if time.perf_counter() > deadline:
+                    raise self._timeout_error()
             prepared.append(self._prepare(data, top_k, ()))
         return prepared
+
+    def _timeout_error(self) -> ApiError:
+        return timed_out(
+            f"no answer within {self.config.request_timeout_s - TIMEOUT_MARGIN_S:g} s "
+            "(request_timeout_s less a margin); the service is busy, retry later"
+        )
 
     async def _run(self, prepared: list[WorkItem | ItemError], deadline: float) -> list[ItemResult | ItemError]:
         """Batch the prepared items; 504 `timeout` past `deadline` (time.perf_counter())."""
@@ -225,10 +235,7 @@ class ConvServe:
                 self._set_batch_wait(alone=self.pacer.idle and self.metrics.inflight == 1)
                 results = await asyncio.gather(*(self._batched(w) for w in work))
         except TimeoutError:
-            raise timed_out(
-                f"no answer within {self.config.request_timeout_s - TIMEOUT_MARGIN_S:g} s "
-                "(request_timeout_s less a margin); the service is busy, retry later"
-            ) from None
+            raise self._timeout_error() from None
         if any(r is EXPIRED for r in results):
             raise timed_out("the request expired before its batch ran; the service is busy, retry later")
         done = iter(results)
@@ -263,7 +270,7 @@ class ConvServe:
             k = parse_top_k(
                 req.top_k if req.top_k is not None else top_k, self.config.limits.default_top_k, len(self.bundle.labels)
             )
-            prepared = await self._prepare_all(req.images, k)
+            prepared = await self._prepare_all(req.images, k, deadline)
             if not req.multi and isinstance(prepared[0], ItemError):
                 err = prepared[0]
                 raise ApiError(err.status, err.code, err.message)
