@@ -29,7 +29,14 @@ from service.metrics import ServiceMetrics
 from service.middleware import configure as configure_middleware
 from service.middleware import install as install_middleware
 from service.pacing import ForwardPacer
-from service.predictor import BatchedPredictor, ItemError, ItemResult, WorkItem, default_warmup_sizes
+from service.predictor import (
+    BatchedPredictor,
+    ItemError,
+    ItemResult,
+    WorkItem,
+    default_warmup_sizes,
+    keep_large_allocations,
+)
 
 log = logging.getLogger("convserve")
 
@@ -113,6 +120,7 @@ class ConvServe:
         configure_middleware(self.config)
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
+        keep_large_allocations()  # the forward thread reuses activation memory (service/predictor.py)
         self.bundle = load_bundle(self.config.bundle_path or DEFAULT_BUNDLE)
         self.predictor = BatchedPredictor(
             self.bundle, self.config.device, self.config.amp_dtype, self.config.channels_last
