@@ -228,9 +228,12 @@ class ConvServe:
 
     def _timeout_error(self) -> ApiError:
         return timed_out(
-            f"no answer within {self.config.request_timeout_s - TIMEOUT_MARGIN_S:g} s "
-            "(request_timeout_s less a margin); the service is busy, retry later"
+            f"no answer within {self._time_budget_s():g} s (request_timeout_s less a margin); "
+            "the service is busy, retry later"
         )
+
+    def _time_budget_s(self) -> float:
+        return max(0.1, self.config.request_timeout_s - TIMEOUT_MARGIN_S)
 
     async def _run(self, prepared: list[WorkItem | ItemError], deadline: float) -> list[ItemResult | ItemError]:
         """Batch the prepared items; 504 `timeout` past `deadline` (time.perf_counter())."""
@@ -250,7 +253,7 @@ class ConvServe:
         return [next(done) if isinstance(p, WorkItem) else p for p in prepared]
 
     def _deadline(self) -> float:
-        return time.perf_counter() + max(0.1, self.config.request_timeout_s - TIMEOUT_MARGIN_S)
+        return time.perf_counter() + self._time_budget_s()
 
     def _predictions(self, result: ItemResult) -> list[dict]:
         return [{"label": p.label, "index": p.index, "score": round(p.score, 6)} for p in result.predictions]
