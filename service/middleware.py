@@ -6,9 +6,10 @@ Both answer on their own, with convserve's JSON error body, before a request bod
   CONVSERVE_AUTH_TOKEN / CONVSERVE_AUTH_TOKEN_FILE environment variables), every `/v1/*` request
   must carry `Authorization: Bearer <token>`; otherwise 401 `unauthorized` with
   `WWW-Authenticate: Bearer`. `/healthz`, `/readyz`, `/docs`, `/openapi.json` stay open.
-- `OverloadGuard`: admission control for the inference routes. A request is admitted only while
-  the requests already inside the replica can be finished within `queue_deadline_s` at the rate
-  the replica has been finishing them (Little's law: in flight < completions/s x deadline). Beyond
+- `OverloadGuard`: admission control for the inference routes. While requests arrive faster than
+  the replica finishes them, a request is admitted only while the requests already inside the
+  replica can be finished within `queue_deadline_s` at the rate the replica has been finishing
+  them (Little's law: in flight < completions/s x deadline); while they do not, twice that. Beyond
   that it is answered at once with 503 `overloaded` and `Retry-After: 1`, so that past capacity
   latency stays bounded and refusals are fast, instead of every request waiting in a queue that
   only grows. The admitted count is at least two batches (`2 x max_batch_size`) and stays a little
@@ -59,29 +60,49 @@ def resolve_auth_token(config: ServeConfig) -> str | None:
 
 
 class AdmissionGate:
-    """Admit while in_flight < clamp(completions/s x deadline_s, floor, cap). Not thread-safe: one event loop."""
+    """Admit while in_flight < clamp(completions/s x deadline_s x slack, floor, cap). Not thread-safe: one event loop.
 
-    def __init__(self, deadline_s: float, floor: int, cap: int, window_s: float = 2.0):
+    `slack` is 1 while requests arrive faster than the replica finishes them (the queue grows:
+    overload, so bound the wait to the deadline), and `stable_slack` while they do not (a closed
+    loop of clients, or load at capacity: the queue is stable, and a refusal there only makes the
+    client send again at once, a storm that costs the replica the CPU it needs to catch up).
+    """
+
+    OVERLOAD_RATIO = 1.5  # arrivals/s over completions/s beyond which the queue is taken to grow
+
+    def __init__(self, deadline_s: float, floor: int, cap: int, window_s: float = 2.0, stable_slack: float = 2.0):
         self.deadline_s = deadline_s
         self.floor = max(1, min(floor, cap))
         self.cap = max(1, cap)
         self.window_s = window_s
+        self.stable_slack = stable_slack
         self.in_flight = 0
         self._done: collections.deque[float] = collections.deque()
+        self._arrived: collections.deque[float] = collections.deque()
         self._started_at = time.monotonic()
+
+    def _per_s(self, events: collections.deque[float], now: float) -> float:
+        horizon = now - self.window_s
+        while events and events[0] < horizon:
+            events.popleft()
+        return len(events) / max(1e-3, min(self.window_s, now - self._started_at))
 
     def rate(self, now: float) -> float:
         """Requests finished per second over the last window (or since start, if shorter)."""
-        horizon = now - self.window_s
-        while self._done and self._done[0] < horizon:
-            self._done.popleft()
-        return len(self._done) / max(1e-3, min(self.window_s, now - self._started_at))
+        return self._per_s(self._done, now)
+
+    def arrival_rate(self, now: float) -> float:
+        """Requests that asked to enter (admitted or not) per second over the last window."""
+        return self._per_s(self._arrived, now)
 
     def limit(self, now: float) -> int:
-        return max(self.floor, min(self.cap, int(self.rate(now) * self.deadline_s)))
+        rate = self.rate(now)
+        slack = 1.0 if self.arrival_rate(now) > self.OVERLOAD_RATIO * rate else self.stable_slack
+        return max(self.floor, min(self.cap, int(rate * self.deadline_s * slack)))
 
     def try_enter(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
+        self._arrived.append(now)
         if self.in_flight >= self.limit(now):
             return False
         self.in_flight += 1

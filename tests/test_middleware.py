@@ -116,9 +116,37 @@ def test_gate_admits_the_floor_when_idle_then_follows_the_rate():
     for i in range(60):
         gate.in_flight += 1
         gate.leave(now=10.0 + i / 100)
-    # 64 completions within the last second: 64/s x 0.5 s = 32 may be in flight
-    assert gate.in_flight == 0 and gate.limit(now=10.6) == 32
+    # 64 completions within the last second, 5 arrivals: a stable queue, so twice
+    # 64/s x 0.5 s may be in flight
+    assert gate.in_flight == 0 and gate.limit(now=10.6) == 64
     assert gate.limit(now=12.0) == 4  # the window has passed: back to the floor
+
+
+def test_gate_bounds_the_wait_to_the_deadline_while_the_queue_grows():
+    gate = AdmissionGate(deadline_s=0.5, floor=4, cap=100, window_s=1.0)
+    gate._started_at = 0.0
+    for i in range(64):
+        gate.in_flight += 1
+        gate.leave(now=10.0 + i / 100)
+    for i in range(100):  # 100 arrivals against 64 completions: more than 50% over
+        gate._arrived.append(10.0 + i / 100)
+    assert gate.limit(now=10.7) == 32  # 64/s x 0.5 s
+    gate.in_flight = 32
+    assert not gate.try_enter(now=10.7)
+
+
+def test_gate_lets_a_closed_loop_past_the_deadline_limit():
+    # Closed-loop clients send only when answered: arrivals follow completions, the queue is stable,
+    # and a refusal would only come straight back.
+    gate = AdmissionGate(deadline_s=0.5, floor=4, cap=100, window_s=1.0)
+    gate._started_at = 0.0
+    for i in range(64):
+        gate.in_flight += 1
+        gate.leave(now=10.0 + i / 100)
+        gate._arrived.append(10.0 + i / 100)
+    gate.in_flight = 40  # past 64/s x 0.5 s = 32
+    assert all(gate.try_enter(now=10.65) for _ in range(6))
+    assert gate.limit(now=10.65) == 64
 
 
 def test_gate_limit_is_capped():
