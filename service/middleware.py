@@ -9,7 +9,7 @@ Both answer on their own, with convserve's JSON error body, before a request bod
 - `OverloadGuard`: admission control for the inference routes. While requests arrive faster than
   the replica finishes them, a request is admitted only while the requests already inside the
   replica can be finished within `queue_deadline_s` at the rate the replica has been finishing
-  them (Little's law: in flight < completions/s x deadline); while they do not, twice that. Beyond
+  them (Little's law: in flight < completions/s x deadline); while they do not, 1.3 times that. Beyond
   that it is answered at once with 503 `overloaded` and `Retry-After: 1`, so that past capacity
   latency stays bounded and refusals are fast, instead of every request waiting in a queue that
   only grows. The admitted count is at least two batches (`2 x max_batch_size`) and stays a little
@@ -70,7 +70,7 @@ class AdmissionGate:
 
     OVERLOAD_RATIO = 1.5  # arrivals/s over completions/s beyond which the queue is taken to grow
 
-    def __init__(self, deadline_s: float, floor: int, cap: int, window_s: float = 2.0, stable_slack: float = 2.0):
+    def __init__(self, deadline_s: float, floor: int, cap: int, window_s: float = 2.0, stable_slack: float = 1.3):
         self.deadline_s = deadline_s
         self.floor = max(1, min(floor, cap))
         self.cap = max(1, cap)
