@@ -6,10 +6,10 @@ Both answer on their own, with convserve's JSON error body, before a request bod
   CONVSERVE_AUTH_TOKEN / CONVSERVE_AUTH_TOKEN_FILE environment variables), every `/v1/*` request
   must carry `Authorization: Bearer <token>`; otherwise 401 `unauthorized` with
   `WWW-Authenticate: Bearer`. `/healthz`, `/readyz`, `/docs`, `/openapi.json` stay open.
-- `OverloadGuard`: admission control for the inference routes. While requests arrive faster than
-  the replica finishes them, a request is admitted only while the requests already inside the
-  replica can be finished within `queue_deadline_s` at the rate the replica has been finishing
-  them (Little's law: in flight < completions/s x deadline); while they do not, 1.3 times that. Beyond
+- `OverloadGuard`: admission control for the inference routes. While requests arrive more than
+  1.5x as fast as the replica finishes them, a request is admitted only while the requests already
+  inside the replica can be finished within `queue_deadline_s` at the rate the replica has been
+  finishing them (Little's law: in flight < completions/s x deadline); otherwise 1.3 times that. Beyond
   that it is answered at once with 503 `overloaded` and `Retry-After: 1`, so that past capacity
   latency stays bounded and refusals are fast, instead of every request waiting in a queue that
   only grows. The admitted count is at least two batches (`2 x max_batch_size`) and stays a little
