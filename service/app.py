@@ -40,9 +40,6 @@ from service.predictor import (
 
 log = logging.getLogger("convserve")
 
-# The result for work dropped because its client was answered 504 already (see _batched).
-EXPIRED = ItemError("timeout", "expired before its batch ran", 504)
-
 PACING_MARGIN_S = 0.003  # the next batch is handed over this long before the forward thread is free
 # The replica answers 504 JSON this long before the ingress's request_timeout_s would cut the
 # connection with a bare 408/504 of its own.
@@ -177,23 +174,15 @@ class ConvServe:
     # pool, so that it starts the moment the first ends (service/pacing.py).
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.004, max_concurrent_batches=2)
     async def _batched(self, items: list[WorkItem]) -> list[ItemResult | ItemError]:
-        # Work whose client was already answered 504 is dropped, not computed.
-        now = time.perf_counter()
-        live = [i for i in items if i.deadline is None or i.deadline > now]
-        if not live:
-            return [EXPIRED] * len(items)
         loop = asyncio.get_running_loop()
-        self.pacer.submitted(len(live))
+        self.pacer.submitted(len(items))
         seconds = None
         try:
-            results, started, seconds = await loop.run_in_executor(self._forward_pool, self._timed_predict, live)
+            results, started, seconds = await loop.run_in_executor(self._forward_pool, self._timed_predict, items)
         finally:
-            self.pacer.finished(len(live), seconds)
+            self.pacer.finished(len(items), seconds)
         inference_s = next((r.inference_s for r in results if isinstance(r, ItemResult)), 0.0)
-        self.metrics.batch_done(len(live), inference_s, [started - i.enqueued_at for i in live])
-        if len(live) < len(items):
-            done = iter(results)
-            results = [next(done) if i.deadline is None or i.deadline > now else EXPIRED for i in items]
+        self.metrics.batch_done(len(items), inference_s, [started - i.enqueued_at for i in items])
         return results
 
     def _timed_predict(self, items: list[WorkItem]) -> tuple[list[ItemResult | ItemError], float, float]:
@@ -240,10 +229,11 @@ class ConvServe:
         return max(0.1, self.config.request_timeout_s - TIMEOUT_MARGIN_S)
 
     async def _run(self, prepared: list[WorkItem | ItemError], deadline: float) -> list[ItemResult | ItemError]:
-        """Batch the prepared items; 504 `timeout` past `deadline` (time.perf_counter())."""
+        """Batch the prepared items; 504 `timeout` past `deadline` (time.perf_counter()).
+
+        On timeout the waiting callers are cancelled, and Ray drops cancelled callers from a batch
+        before it runs, so work already answered 504 is not computed."""
         work = [p for p in prepared if isinstance(p, WorkItem)]
-        for w in work:
-            w.deadline = deadline
         try:
             async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
                 await self.pacer.wait_turn()  # join the next batch, not a batch of one (service/pacing.py)
@@ -251,8 +241,6 @@ class ConvServe:
                 results = await asyncio.gather(*(self._batched(w) for w in work))
         except TimeoutError:
             raise self._timeout_error() from None
-        if any(r is EXPIRED for r in results):
-            raise timed_out("the request expired before its batch ran; the service is busy, retry later")
         done = iter(results)
         return [next(done) if isinstance(p, WorkItem) else p for p in prepared]
 

@@ -31,7 +31,6 @@ class WorkItem:
     top_k: int = 5
     layers: tuple[str, ...] = ()  # feature maps to return, by layer name
     enqueued_at: float = 0.0  # time.perf_counter() when it was handed to the batcher
-    deadline: float | None = None  # time.perf_counter() past which its client has been answered 504
 
 
 @dataclass
