@@ -107,15 +107,27 @@ def test_auth_token_from_env_or_file(tmp_path):
 # --- admission control -----------------------------------------------------------------------------
 
 
-def test_gate_admits_the_floor_when_idle_then_follows_the_rate():
-    gate = AdmissionGate(deadline_s=0.5, floor=4, cap=100, window_s=1.0)
+def _gate(deadline_s: float = 0.5, cap: int = 100) -> AdmissionGate:
+    gate = AdmissionGate(deadline_s=deadline_s, floor=4, cap=cap, window_s=1.0)
     gate._started_at = 0.0
+    return gate
+
+
+def _finish(gate: AdmissionGate, n: int, start: float, step: float, arrived: bool = False) -> None:
+    """n requests that enter and leave at start, start + step, ... (counted as arrivals if `arrived`)."""
+    for i in range(n):
+        gate.in_flight += 1
+        gate.leave(now=start + i * step)
+        if arrived:
+            gate._arrived.append(start + i * step)
+
+
+def test_gate_admits_the_floor_when_idle_then_follows_the_rate():
+    gate = _gate()
     assert [gate.try_enter(now=10.0) for _ in range(5)] == [True] * 4 + [False]
     for _ in range(4):
         gate.leave(now=10.0)
-    for i in range(60):
-        gate.in_flight += 1
-        gate.leave(now=10.0 + i / 100)
+    _finish(gate, 60, start=10.0, step=0.01)
     # 64 completions within the last second, 5 arrivals: a stable queue, so 1.3 x 64/s x 0.5 s
     # may be in flight
     assert gate.in_flight == 0 and gate.limit(now=10.6) == 41
@@ -123,11 +135,8 @@ def test_gate_admits_the_floor_when_idle_then_follows_the_rate():
 
 
 def test_gate_bounds_the_wait_to_the_deadline_while_the_queue_grows():
-    gate = AdmissionGate(deadline_s=0.5, floor=4, cap=100, window_s=1.0)
-    gate._started_at = 0.0
-    for i in range(64):
-        gate.in_flight += 1
-        gate.leave(now=10.0 + i / 100)
+    gate = _gate()
+    _finish(gate, 64, start=10.0, step=0.01)
     for i in range(100):  # 100 arrivals against 64 completions: more than 50% over
         gate._arrived.append(10.0 + i / 100)
     assert gate.limit(now=10.7) == 32  # 64/s x 0.5 s
@@ -138,23 +147,16 @@ def test_gate_bounds_the_wait_to_the_deadline_while_the_queue_grows():
 def test_gate_lets_a_closed_loop_past_the_deadline_limit():
     # Closed-loop clients send only when answered: arrivals follow completions, the queue is stable,
     # and a refusal would only come straight back.
-    gate = AdmissionGate(deadline_s=0.5, floor=4, cap=100, window_s=1.0)
-    gate._started_at = 0.0
-    for i in range(64):
-        gate.in_flight += 1
-        gate.leave(now=10.0 + i / 100)
-        gate._arrived.append(10.0 + i / 100)
+    gate = _gate()
+    _finish(gate, 64, start=10.0, step=0.01, arrived=True)
     gate.in_flight = 36  # past 64/s x 0.5 s = 32
     assert all(gate.try_enter(now=10.65) for _ in range(5))
     assert gate.limit(now=10.65) == 41 and not gate.try_enter(now=10.65)
 
 
 def test_gate_limit_is_capped():
-    gate = AdmissionGate(deadline_s=10.0, floor=4, cap=20, window_s=1.0)
-    gate._started_at = 0.0
-    for i in range(500):
-        gate.in_flight += 1
-        gate.leave(now=5.0 + i / 1000)
+    gate = _gate(deadline_s=10.0, cap=20)
+    _finish(gate, 500, start=5.0, step=0.001)
     assert gate.limit(now=5.5) == 20
 
 
