@@ -129,8 +129,8 @@ class ConvServe:
         sizes = self.config.warmup_batch_sizes or default_warmup_sizes(self.config.batching.max_batch_size)
         # Warm up on the forward thread itself: OpenMP keeps a thread team per thread that runs
         # parallel regions, and a second team (here, the constructor's) slowed the forward
-        # thread's 32-image pass by about 5% (190 against 200 ms, measured outside Ray). The first
-        # pass per size pays one-time costs; the second is timed.
+        # thread's 32-image pass by about 5% (`python -m loadtests.microbench threads`, README).
+        # The first pass per size pays one-time costs; the second is timed.
         self._forward_pool.submit(self.predictor.warmup, sizes).result()
         timings = self._forward_pool.submit(self.predictor.warmup, sizes).result()
         log.info("warm-up done on %s: %s", self.predictor.device, {k: round(v, 4) for k, v in timings.items()})

@@ -168,10 +168,10 @@ def keep_large_allocations(threshold_bytes: int = 256 * 1024 * 1024) -> bool:
     """Let glibc reuse the memory of large tensors instead of mapping and unmapping it per batch.
 
     A worker thread allocates from its own malloc arena, where every activation over the mmap
-    threshold is a fresh mmap: page faults on each forward pass. Measured on the 2-core CPU machine
-    (a 32-image forward in a ThreadPoolExecutor thread): about
-    207 ms by default against 191 to 200 ms with this, as on the main thread. Returns False where
-    it does not apply (not glibc).
+    threshold is a fresh mmap: page faults on each forward pass. A 32-image forward in a worker
+    thread on the 2-core CPU machine: 216-217 ms by default, 192-194 ms with this, as on the main
+    thread (`OMP_NUM_THREADS=1 python -m loadtests.microbench threads [--keep-large-allocations]`).
+    Returns False where it does not apply (not glibc).
     """
     import ctypes
     import ctypes.util

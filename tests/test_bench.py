@@ -35,3 +35,21 @@ def test_bench_quick_writes_results(tmp_path):
     assert results["targets"]["errors"] == 0
     assert "served_over_offline" in results["targets"]
     assert "x offline" in proc.stdout
+
+
+def test_microbench_decode_reports_both_paths():
+    from loadtests.microbench import decode_ms
+
+    timings = decode_ms(repeats=1)
+    assert set(timings) == {"decode_image_bytes (libjpeg-turbo)", "Pillow fallback"}
+    assert all(ms > 0 for ms in timings.values())
+
+
+def test_microbench_threads_times_both_threads():
+    if not (DEFAULT_BUNDLE / "bundle.json").is_file():
+        pytest.skip("embedded bundle not trained yet (make train)")
+    from loadtests.microbench import forward_ms
+
+    out = forward_ms(repeats=1, worker_first=True)
+    assert list(out) == ["worker thread", "main thread"]
+    assert all(set(by_batch) == {1, 32} and min(by_batch.values()) > 0 for by_batch in out.values())
