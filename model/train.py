@@ -52,6 +52,7 @@ class TrainConfig:
     translate: int = 2  # random shifts of up to this many pixels (reflect padding)
     cutout: int = 0  # side of a random square zeroed in each image; 0 = off
     widths: tuple[int, int, int] = (96, 384, 384)
+    pool: str = "max"  # global pooling before the head: max (airbench, shipped) or avg (ResNet)
     tta_flip: bool = False  # the shipped network averages each image with its mirror image
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -79,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--translate", type=int, default=d.translate, help="pixels (default: %(default)s)")
     p.add_argument("--cutout", type=int, default=d.cutout, help="pixels, 0 = off (default: %(default)s)")
     p.add_argument("--widths", default=",".join(map(str, d.widths)), help="stage widths (default: %(default)s)")
+    p.add_argument("--pool", default=d.pool, choices=["avg", "max"], help="global pooling (default: %(default)s)")
     p.add_argument("--tta-flip", action="store_true", help="ship a network that averages with the mirror image")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
@@ -257,7 +259,7 @@ def train(cfg: TrainConfig, argv: list[str]) -> dict:
     labels = train_set.labels.to(device)
     loader = AugmentingLoader(train_images, labels, cfg)
 
-    model = ConvServeNet(num_classes=len(train_set.classes), widths=cfg.widths).to(device)
+    model = ConvServeNet(num_classes=len(train_set.classes), widths=cfg.widths, pool=cfg.pool).to(device)
     model.stem.init_whitening(train_images[:5000])
     model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
@@ -334,7 +336,12 @@ def train(cfg: TrainConfig, argv: list[str]) -> dict:
         cfg.out,
         model,
         arch=CONVSERVE_ARCH,
-        arch_args={"num_classes": len(train_set.classes), "widths": list(cfg.widths), "tta_flip": cfg.tta_flip},
+        arch_args={
+            "num_classes": len(train_set.classes),
+            "widths": list(cfg.widths),
+            "pool": cfg.pool,
+            "tta_flip": cfg.tta_flip,
+        },
         labels=train_set.classes,
         preset=preset,
         name=cfg.name,

@@ -33,6 +33,7 @@ from model import (
 from model.bundle import CONVSERVE_ARCH, MANIFEST_FILE, WEIGHTS_FILE, git_commit
 from model.data import load_image_folder
 from model.evaluate import accuracy, predict_logits
+from model.layers import capture
 from model.presets import CIFAR10_MEAN, CIFAR10_STD
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +108,28 @@ def test_global_layers(convservenet_layers):
     for name in ("pool", "head"):
         assert convservenet_layers[name].receptive_field == 32, name
     assert convservenet_layers["pool"].shape == (384, 1, 1)
+
+
+@pytest.mark.parametrize("mode, reduce", [("avg", torch.mean), ("max", torch.amax)])
+def test_global_pool_is_average_or_max_over_height_and_width(mode, reduce):
+    torch.manual_seed(0)
+    net = ConvServeNet(widths=(8, 16, 16), pool=mode).eval()
+    _, maps = capture(net, ["stage3", "pool"], torch.randn(2, 3, 32, 32))
+    assert maps["pool"].shape == (2, 16, 1, 1)
+    torch.testing.assert_close(maps["pool"].flatten(1), reduce(maps["stage3"], dim=(2, 3)))
+
+
+def test_global_pool_mode_is_checked_and_saved_with_the_bundle(tmp_path):
+    with pytest.raises(ValueError, match="pool must be"):
+        ConvServeNet(pool="sum")
+    net = ConvServeNet(widths=(8, 16, 16), pool="avg").eval()
+    save_bundle(
+        tmp_path, net, arch=CONVSERVE_ARCH, arch_args={"widths": [8, 16, 16], "pool": "avg"},
+        labels=CIFAR10_CLASSES, preset=EvalPreset(32, CIFAR10_MEAN, CIFAR10_STD), name="n", version="1",
+    )  # fmt: skip
+    assert load_bundle(tmp_path).model.pool.mode == "avg"
+    shipped = json.loads((model.DEFAULT_BUNDLE / MANIFEST_FILE).read_text())
+    assert shipped["arch_args"]["pool"] == "max"  # trained with max pooling: loading it as avg would be wrong
 
 
 def _textbook_geometry(modules: list[nn.Module]) -> tuple[int, int]:
