@@ -27,6 +27,7 @@ from service.featuremaps import layer_json, to_npy, to_png_grid
 from service.inputs import ImageRequest, parse_top_k, read_images, single_image
 from service.metrics import ServiceMetrics
 from service.middleware import configure as configure_middleware
+from service.middleware import count_refusals_with, count_refused
 from service.middleware import install as install_middleware
 from service.pacing import ForwardPacer
 from service.predictor import (
@@ -90,7 +91,8 @@ async def _api_error(_request: Request, exc: ApiError) -> Response:
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_request: Request, exc: RequestValidationError) -> Response:
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    count_refused(request.url.path, 400)
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "query")
     return json_response(bad_request("invalid_parameter", f"{where}: {first.get('msg', 'invalid')}").to_dict(), 400)
@@ -124,9 +126,12 @@ class ConvServe:
         )
         self.layer_names = [info.name for info in self.bundle.layers]
         self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, self.predictor.device.type)
+        count_refusals_with(self.metrics.request_refused)  # 401/503/400 answered before a route
         # One forward thread: batches run one after another, while the event loop keeps decoding.
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-        sizes = self.config.warmup_batch_sizes or default_warmup_sizes(self.config.batching.max_batch_size)
+        sizes = self.config.warmup_batch_sizes or default_warmup_sizes(
+            self.config.batching.max_batch_size, every_size=self.predictor.device.type == "cuda"
+        )
         # Warm up on the forward thread itself: OpenMP keeps a thread team per thread that runs
         # parallel regions, and a second team (here, the constructor's) slowed the forward
         # thread's 32-image pass by about 5% (`python -m loadtests.microbench threads`, README).

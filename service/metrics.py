@@ -82,6 +82,10 @@ class ServiceMetrics:
         self.inflight_requests.set(self._inflight)
         self.requests_total.inc(tags={"endpoint": endpoint, "status": str(status)})
 
+    def request_refused(self, endpoint: str, status: int) -> None:
+        """A request answered before its route ran (auth, admission control, parameter validation)."""
+        self.requests_total.inc(tags={"endpoint": endpoint, "status": str(status)})
+
     def batch_done(self, size: int, inference_s: float, queue_waits_s: list[float]) -> None:
         self.batch_size.observe(size)
         self.inference_seconds.observe(inference_s)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import hmac
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -116,6 +117,21 @@ class AdmissionGate:
 class _Settings:
     token: bytes | None = None
     gate: AdmissionGate | None = None
+    # Called with (endpoint, status) for a request answered before it reached its route, so that
+    # `requests_total` counts refusals too (set by the deployment to its metrics).
+    on_refused: Callable[[str, int], None] | None = None
+
+
+def count_refusals_with(counter: Callable[[str, int], None] | None) -> None:
+    """Where refusals are counted (the replica's metrics). A function, not SETTINGS itself, for the
+    deployment class: Ray ships that class by value, with a copy of whatever object it names."""
+    SETTINGS.on_refused = counter
+
+
+def count_refused(path: str, status: int) -> None:
+    """Count a /v1/ request answered by a middleware or a validation handler, not by its route."""
+    if SETTINGS.on_refused is not None and path.startswith(PROTECTED_PREFIX):
+        SETTINGS.on_refused(path.removeprefix(PROTECTED_PREFIX), status)
 
 
 SETTINGS = _Settings()
@@ -179,6 +195,7 @@ class BearerAuth:
         given = _bearer(scope)
         if given is None or not hmac.compare_digest(given, token):
             message = "missing bearer token" if given is None else "invalid bearer token"
+            count_refused(scope["path"], 401)
             return await _send_error(
                 send,
                 401,
@@ -199,6 +216,7 @@ class OverloadGuard:
         if gate is None or scope["type"] != "http" or scope["path"] not in GUARDED_PATHS:
             return await self.app(scope, receive, send)
         if not gate.try_enter():
+            count_refused(scope["path"], 503)
             return await _send_error(
                 send,
                 503,

