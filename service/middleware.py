@@ -36,6 +36,7 @@ from service.config import ServeConfig
 OVERLOADED_RETRY_AFTER_S = 1
 GUARDED_PATHS = ("/v1/classify", "/v1/feature-maps")
 PROTECTED_PREFIX = "/v1/"
+COUNTED_ENDPOINTS = {"/v1/classify": "classify", "/v1/feature-maps": "feature-maps", "/v1/model": "model"}
 
 
 class AuthConfigError(ValueError):
@@ -128,10 +129,15 @@ def count_refusals_with(counter: Callable[[str, int], None] | None) -> None:
     SETTINGS.on_refused = counter
 
 
-def count_refused(path: str, status: int) -> None:
-    """Count a /v1/ request answered by a middleware or a validation handler, not by its route."""
-    if SETTINGS.on_refused is not None and path.startswith(PROTECTED_PREFIX):
-        SETTINGS.on_refused(path.removeprefix(PROTECTED_PREFIX), status)
+def count_refused(path: str, status: int, settings: _Settings | None = None) -> None:
+    """Count a /v1/ request answered by a middleware or a validation handler, not by its route.
+
+    Unknown paths count as endpoint "other": a label per path would let clients grow the metric
+    without bound.
+    """
+    counter = (settings or SETTINGS).on_refused
+    if counter is not None and path.startswith(PROTECTED_PREFIX):
+        counter(COUNTED_ENDPOINTS.get(path, "other"), status)
 
 
 SETTINGS = _Settings()
@@ -195,7 +201,7 @@ class BearerAuth:
         given = _bearer(scope)
         if given is None or not hmac.compare_digest(given, token):
             message = "missing bearer token" if given is None else "invalid bearer token"
-            count_refused(scope["path"], 401)
+            count_refused(scope["path"], 401, self.settings)
             return await _send_error(
                 send,
                 401,
@@ -216,7 +222,7 @@ class OverloadGuard:
         if gate is None or scope["type"] != "http" or scope["path"] not in GUARDED_PATHS:
             return await self.app(scope, receive, send)
         if not gate.try_enter():
-            count_refused(scope["path"], 503)
+            count_refused(scope["path"], 503, self.settings)
             return await _send_error(
                 send,
                 503,

@@ -268,3 +268,18 @@ def test_no_pickle_on_the_load_path():
     assert not found, "unsafe deserialisation on the load path:\n" + "\n".join(found)
     assert list(REPO.glob("model/bundles/*/model.safetensors")), "the embedded bundle should be safetensors"
     assert not [p for p in REPO.glob("model/bundles/**/*") if p.suffix in (".pt", ".pth", ".pkl", ".bin")]
+
+
+def test_refusals_are_counted_by_endpoint_with_unknown_paths_pooled():
+    counted: list[tuple[str, int]] = []
+    refusing_auth = auth("s3cret")
+    refusing_auth.settings.on_refused = lambda endpoint, status: counted.append((endpoint, status))
+    call(refusing_auth, "/v1/classify")
+    call(refusing_auth, "/v1/no-such-route-1234")  # no label per path: clients cannot grow the metric
+    call(refusing_auth, "/healthz")  # open, not refused, not counted
+    full = AdmissionGate(deadline_s=1.0, floor=2, cap=2)
+    full.in_flight = 2
+    shedding = guard(full)
+    shedding.settings.on_refused = refusing_auth.settings.on_refused
+    call(shedding, "/v1/feature-maps")
+    assert counted == [("classify", 401), ("other", 401), ("feature-maps", 503)]
