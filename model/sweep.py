@@ -68,10 +68,8 @@ def worker(cache: Path, out: Path, flags: list[str]) -> dict:
     start = time.perf_counter()
     metrics = train_module.train(cfg, argv)
     bundle = load_bundle(out)
-    preset = EvalPreset(32, CIFAR10_MEAN, CIFAR10_STD)
     val = sets["val"]
-    model = bundle.model.to(device)
-    logits = translate_tta_logits(model, preset.normalize(val.images), device)
+    logits = translate_tta_logits(bundle.model.to(device), bundle.preprocess.normalize(val.images), device)
     metrics["val_top1_tta_translate"] = accuracy(logits, val.labels)
     return {"flags": " ".join(flags), "gpu_wall_s": round(time.perf_counter() - start, 1), **metrics}
 

@@ -126,7 +126,7 @@ class ConvServe:
         )
         self.layer_names = [info.name for info in self.bundle.layers]
         self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, self.predictor.device.type)
-        count_refusals_with(self.metrics.request_refused)  # 401/503/400 answered before a route
+        count_refusals_with(self.metrics.count_answer)  # 401/503/400 answered before a route
         # One forward thread: batches run one after another, while the event loop keeps decoding.
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         sizes = self.config.warmup_batch_sizes or default_warmup_sizes(

@@ -80,10 +80,10 @@ class ServiceMetrics:
     def request_finished(self, endpoint: str, status: int) -> None:
         self._inflight -= 1
         self.inflight_requests.set(self._inflight)
-        self.requests_total.inc(tags={"endpoint": endpoint, "status": str(status)})
+        self.count_answer(endpoint, status)
 
-    def request_refused(self, endpoint: str, status: int) -> None:
-        """A request answered before its route ran (auth, admission control, parameter validation)."""
+    def count_answer(self, endpoint: str, status: int) -> None:
+        """One HTTP answer; alone for requests answered before their route ran (refusals)."""
         self.requests_total.inc(tags={"endpoint": endpoint, "status": str(status)})
 
     def batch_done(self, size: int, inference_s: float, queue_waits_s: list[float]) -> None:
