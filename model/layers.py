@@ -98,7 +98,7 @@ def _linearised(model: nn.Module) -> nn.Module:
                 swap(child)
 
     swap(lin)
-    # ConvServeNet pools with a functional max; averaging has the same (global) geometry.
+    # ConvServeNet pools with a functional global avg or max; averaging has the same (global) geometry.
     if isinstance(lin, ConvServeNet):
         lin.pool = nn.AdaptiveAvgPool2d(1)
     return lin

@@ -5,7 +5,8 @@
 
 The recipe is airbench96's (Keller Jordan, github.com/KellerJordan/cifar10-airbench), scaled to
 what two CPU cores do in under an hour: narrower stages and fewer epochs, bf16 autocast where the
-CPU has bf16 instructions (about 1.7x faster than float32 here), channels_last everywhere.
+CPU has bf16 instructions (about 1.7x faster than float32 here), channels_last everywhere; the
+conv filters train with Muon, as in airbench94_muon (docs/training.md: 1-2 points over SGD here).
 Sections: settings, data loader, training, main.
 """
 
@@ -43,6 +44,9 @@ class TrainConfig:
     epochs: float = 15.0  # passes over the 50,000 training images
     batch_size: int = 512  # on 2 CPU cores 512 runs ~20% faster per image than 1024 (cache)
     lr: float = 9.0  # learning rate per 1024 examples (decoupled from momentum, see below)
+    optimizer: str = "muon"  # muon (Muon for the 3x3 conv filters, SGD for the rest) | sgd
+    muon_lr: float = 0.08  # Muon: relative change of each filter bank per step at peak
+    muon_momentum: float = 0.6
     momentum: float = 0.85
     weight_decay: float = 0.012  # per 1024 examples, decoupled from the learning rate
     bias_scaler: float = 64.0  # BatchNorm biases learn this much faster (no extra decay)
@@ -51,8 +55,8 @@ class TrainConfig:
     flip: bool = True
     translate: int = 2  # random shifts of up to this many pixels (reflect padding)
     cutout: int = 0  # side of a random square zeroed in each image; 0 = off
-    widths: tuple[int, int, int] = (96, 384, 384)
-    pool: str = "max"  # global pooling before the head: max (airbench, shipped) or avg (ResNet)
+    widths: tuple[int, int, int] = (80, 320, 320)
+    pool: str = "avg"  # global pooling before the head: avg (ResNet, shipped) or max (airbench)
     tta_flip: bool = False  # the shipped network averages each image with its mirror image
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -71,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--epochs", type=float, default=d.epochs, help="(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="per 1024 examples (default: %(default)s)")
+    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "muon"], help="(default: %(default)s)")
+    p.add_argument("--muon-lr", type=float, default=d.muon_lr, help="(default: %(default)s)")
+    p.add_argument("--muon-momentum", type=float, default=d.muon_momentum, help="(default: %(default)s)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="(default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
     p.add_argument("--bias-scaler", type=float, default=d.bias_scaler, help="(default: %(default)s)")
@@ -210,15 +217,69 @@ class Lookahead:
                 live.copy_(ema)
 
 
-def make_optimizer(model: ConvServeNet, cfg: TrainConfig) -> torch.optim.SGD:
+def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to `g` (all singular values ~1), by a quintic
+    Newton-Schulz iteration in bf16 (Keller Jordan's Muon; coefficients from airbench94_muon)."""
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    x = g.bfloat16()
+    x = x / (x.norm() + eps)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, then replace each filter bank's update by its orthogonalised version.
+
+    Every output filter gets a step of similar size whatever its gradient's scale, so the conv
+    layers learn at the same pace. Filters are renormalised to unit mean norm each step, which
+    takes the place of weight decay (BatchNorm follows every conv, so their scale is free).
+    """
+
+    def __init__(self, params, lr: float, momentum: float, nesterov: bool = True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(p.grad)
+                g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                p.mul_(len(p) ** 0.5 / p.norm())
+                p.add_(orthogonalize(g.reshape(len(g), -1)).view(g.shape), alpha=-group["lr"])
+
+
+def make_optimizers(model: ConvServeNet, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """SGD for everything, or (--optimizer muon) Muon for the trainable 3x3 filters and SGD for
+    the BatchNorm biases, the stem's bias and the head."""
+    if cfg.optimizer == "sgd":
+        return [make_optimizer(model, cfg)]
+    filters = [p for p in model.parameters() if p.ndim == 4 and p.requires_grad]
+    filter_ids = {id(p) for p in filters}
+    sgd = make_optimizer(model, cfg, exclude=filter_ids)
+    return [sgd, Muon(filters, lr=cfg.muon_lr, momentum=cfg.muon_momentum)]
+
+
+def make_optimizer(model: ConvServeNet, cfg: TrainConfig, exclude: frozenset[int] = frozenset()) -> torch.optim.SGD:
     # Decoupled hyperparameters (airbench96): with Nesterov momentum the step is about
     # 1 + 1/(1-momentum) times the gradient; dividing that out lets lr and momentum be tuned apart.
     kilostep_scale = 1024 * (1 + 1 / (1 - cfg.momentum))
     lr = cfg.lr / kilostep_scale
     wd = cfg.weight_decay * cfg.batch_size / kilostep_scale
     lr_biases = lr * cfg.bias_scaler
-    norm_biases = [p for n, p in model.named_parameters() if "norm" in n and p.requires_grad]
-    others = [p for n, p in model.named_parameters() if "norm" not in n and p.requires_grad]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in exclude]
+    norm_biases = [p for n, p in trainable if "norm" in n]
+    others = [p for n, p in trainable if "norm" not in n]
     return torch.optim.SGD(
         [
             dict(params=norm_biases, lr=lr_biases, weight_decay=wd / lr_biases),
@@ -262,9 +323,9 @@ def train(cfg: TrainConfig, argv: list[str]) -> dict:
     model = ConvServeNet(num_classes=len(train_set.classes), widths=cfg.widths, pool=cfg.pool).to(device)
     model.stem.init_whitening(train_images[:5000])
     model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
+    optimizers = make_optimizers(model, cfg)
     total_steps = math.ceil(len(loader) * cfg.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps))
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, total_steps)) for o in optimizers]
     lookahead = Lookahead(model)
     alpha = 0.95**5 * (torch.arange(total_steps + 1) / total_steps) ** 3  # lookahead decay schedule
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
@@ -281,10 +342,11 @@ def train(cfg: TrainConfig, argv: list[str]) -> dict:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 outputs = model(inputs)
                 loss = loss_fn(outputs.float(), targets).sum()
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            scheduler.step()
+            for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
+                optimizer.step()
+                scheduler.step()
             step += 1
             if step % 5 == 0:
                 lookahead.update(model, decay=alpha[step].item())

@@ -60,7 +60,7 @@ def _pair(v: int | tuple[int, ...]) -> int:
 @pytest.fixture(scope="module")
 def convservenet() -> ConvServeNet:
     torch.manual_seed(0)
-    return ConvServeNet().eval()  # default widths (96, 384, 384), as shipped
+    return ConvServeNet().eval()  # default widths (80, 320, 320), as shipped
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_shapes_match_forward_pass(convservenet, convservenet_layers):
             x = getattr(convservenet, name)(x)
             assert convservenet_layers[name].shape == tuple(x.shape[1:]), name
     assert convservenet_layers["stem"].shape == (24, 31, 31)
-    assert convservenet_layers["stage3"].shape == (384, 3, 3)
+    assert convservenet_layers["stage3"].shape == (320, 3, 3)
     assert convservenet_layers["head"].shape == (10,)
 
 
@@ -107,7 +107,7 @@ def test_receptive_fields_grow(convservenet_layers):
 def test_global_layers(convservenet_layers):
     for name in ("pool", "head"):
         assert convservenet_layers[name].receptive_field == 32, name
-    assert convservenet_layers["pool"].shape == (384, 1, 1)
+    assert convservenet_layers["pool"].shape == (320, 1, 1)
 
 
 @pytest.mark.parametrize("mode, reduce", [("avg", torch.mean), ("max", torch.amax)])
@@ -122,14 +122,15 @@ def test_global_pool_is_average_or_max_over_height_and_width(mode, reduce):
 def test_global_pool_mode_is_checked_and_saved_with_the_bundle(tmp_path):
     with pytest.raises(ValueError, match="pool must be"):
         ConvServeNet(pool="sum")
-    net = ConvServeNet(widths=(8, 16, 16), pool="avg").eval()
+    assert ConvServeNet().pool.mode == "avg"
+    net = ConvServeNet(widths=(8, 16, 16), pool="max").eval()  # not the default: it must come from the bundle
     save_bundle(
-        tmp_path, net, arch=CONVSERVE_ARCH, arch_args={"widths": [8, 16, 16], "pool": "avg"},
+        tmp_path, net, arch=CONVSERVE_ARCH, arch_args={"widths": [8, 16, 16], "pool": "max"},
         labels=CIFAR10_CLASSES, preset=EvalPreset(32, CIFAR10_MEAN, CIFAR10_STD), name="n", version="1",
     )  # fmt: skip
-    assert load_bundle(tmp_path).model.pool.mode == "avg"
+    assert load_bundle(tmp_path).model.pool.mode == "max"
     shipped = json.loads((model.DEFAULT_BUNDLE / MANIFEST_FILE).read_text())
-    assert shipped["arch_args"]["pool"] == "max"  # trained with max pooling: loading it as avg would be wrong
+    assert shipped["arch_args"]["pool"] == "avg"  # explicit, so a later default cannot change how it loads
 
 
 def _textbook_geometry(modules: list[nn.Module]) -> tuple[int, int]:
@@ -313,14 +314,14 @@ def test_load_image_folder_fixed_classes_and_limit(sample_dir):
 #############################################
 
 
-@pytest.mark.slow
-def test_smoke_training_lowers_loss_and_writes_a_loadable_bundle(sample_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_smoke_training_lowers_loss_and_writes_a_loadable_bundle(sample_dir, tmp_path, optimizer):
     from model.train import parse_args, train
 
     out = tmp_path / "bundle"
     argv = [
         "--train-data", str(sample_dir), "--val-data", "none", "--widths", "16,32,32",
-        "--batch-size", "50", "--epochs", "6", "--out", str(out),
+        "--batch-size", "50", "--epochs", "6", "--optimizer", optimizer, "--out", str(out),
     ]  # fmt: skip
     train(parse_args(argv), argv)
 
@@ -340,6 +341,50 @@ def test_smoke_training_lowers_loss_and_writes_a_loadable_bundle(sample_dir, tmp
     data = load_image_folder(sample_dir, bundle.preprocess, classes=bundle.labels, limit_per_class=2)
     logits = predict_logits(bundle.model, bundle.preprocess.normalize(data.images))
     assert logits.shape == (20, 10) and torch.isfinite(logits).all()
+
+
+def test_orthogonalize_evens_out_singular_values():
+    from model.train import orthogonalize
+
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(64, 16))
+    v, _ = torch.linalg.qr(torch.randn(16, 16))
+    spread = torch.logspace(0, -3, 16)  # condition number 1000
+    g = (u * spread) @ v.T  # 64 x 16: exercises the tall case
+    s = torch.linalg.svdvals(orthogonalize(g).float())
+    assert s.max() < 1.3 and s[:8].min() > 0.5, s  # was 1 ... 0.001; now all of a similar size
+    assert s.min() > 10 * spread.min()
+    assert orthogonalize(g.T).shape == (16, 64)
+
+
+def test_muon_step_normalises_filters_and_descends():
+    from model.train import Muon, orthogonalize
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 4, 3, 3) * 5)
+    w.grad = torch.randn_like(w)
+    before = w.detach().clone()
+    Muon([w], lr=0.1, momentum=0.0).step()
+    normalised = before * (8**0.5 / before.norm())
+    expected = normalised - 0.1 * orthogonalize(w.grad.reshape(8, -1)).view(w.shape)
+    assert torch.allclose(w.detach(), expected, atol=1e-5)
+    assert (w.detach() - normalised).flatten() @ w.grad.flatten() < 0  # a step against the gradient
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_optimizers_split_the_parameters(optimizer):
+    from model.train import make_optimizers, parse_args
+
+    net = ConvServeNet(widths=(16, 32, 32))
+    cfg = parse_args(["--optimizer", optimizer])
+    groups = [g["params"] for opt in make_optimizers(net, cfg) for g in opt.param_groups]
+    ids = [id(p) for params in groups for p in params]
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert sorted(ids) == sorted(id(p) for p in trainable)  # each trainable parameter exactly once
+    assert id(net.stem.conv.weight) not in ids  # the whitening kernels stay frozen
+    if optimizer == "muon":
+        muon_params = make_optimizers(net, cfg)[1].param_groups[0]["params"]
+        assert len(muon_params) == 9 and all(p.ndim == 4 for p in muon_params)  # 3 stages x 3 convs
 
 
 #############################################
