@@ -377,13 +377,13 @@ def test_optimizers_split_the_parameters(optimizer):
 
     net = ConvServeNet(widths=(16, 32, 32))
     cfg = parse_args(["--optimizer", optimizer])
-    groups = [g["params"] for opt in make_optimizers(net, cfg) for g in opt.param_groups]
-    ids = [id(p) for params in groups for p in params]
+    optimizers = make_optimizers(net, cfg)
+    ids = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
     trainable = [p for p in net.parameters() if p.requires_grad]
     assert sorted(ids) == sorted(id(p) for p in trainable)  # each trainable parameter exactly once
     assert id(net.stem.conv.weight) not in ids  # the whitening kernels stay frozen
     if optimizer == "muon":
-        muon_params = make_optimizers(net, cfg)[1].param_groups[0]["params"]
+        muon_params = optimizers[1].param_groups[0]["params"]
         assert len(muon_params) == 9 and all(p.ndim == 4 for p in muon_params)  # 3 stages x 3 convs
 
 
