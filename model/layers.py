@@ -11,6 +11,7 @@ the receptive field; how far it moves between neighbouring units is the stride.
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import asdict, dataclass
 
 import torch
@@ -58,12 +59,21 @@ def named_layers(model: nn.Module) -> list[str]:
 
 
 def capture(model: nn.Module, names: list[str], x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Run `model(x)` once and return its output and the outputs of the named submodules."""
+    """Run `model(x)` once and return its output and the outputs of the named submodules.
+
+    Safe while other threads run the same model: a hook records only the pass of the thread that
+    registered it (serving runs forward passes side by side, service/lanes.py)."""
     outputs: dict[str, torch.Tensor] = {}
+    owner = threading.get_ident()
+
+    def record(name: str, out: torch.Tensor) -> None:
+        if threading.get_ident() == owner:
+            outputs[name] = out
+
     handles = []
     for name in names:
         module = model.get_submodule(name)
-        handles.append(module.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out)))
+        handles.append(module.register_forward_hook(lambda _m, _i, out, name=name: record(name, out)))
     try:
         result = model(x)
     finally:

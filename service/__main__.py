@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -91,12 +92,36 @@ def _cleanup(session_id: int, serve_port: int) -> None:
         print(f"convserve: cleaned up {len(leftovers)} leftover process(es)", flush=True)
 
 
+def _relay(stream, log_path: str, verbose: bool) -> None:
+    """Everything the server prints goes to the log file; only convserve's own lines (its stages,
+    errors it explains) reach the terminal, unless verbose."""
+    with open(log_path, "ab") as log:
+        for line in iter(stream.readline, b""):
+            log.write(line)
+            log.flush()
+            if verbose or line.startswith(b"convserve:"):
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = config_from_args(parse_args(argv))
     preflight([config.port, config.metrics_export_port], config.port)
 
-    driver = subprocess.Popen([sys.executable, "-m", "service.server", *argv], start_new_session=True)
+    args = parse_args(argv)
+    log_path = os.path.join(runtime_dir(config.port), "service.log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    shown = "" if args.verbose else "; --verbose shows them here"
+    print(f"convserve: starting (Ray's and HAProxy's logs: {log_path}{shown})", flush=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "service.server", *argv],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    relay = threading.Thread(target=_relay, args=(driver.stdout, log_path, args.verbose), daemon=True)
+    relay.start()
     stopping = {"at": None}
 
     def request_stop(signum, _frame):
@@ -114,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             if stopping["at"] is not None and time.monotonic() - stopping["at"] > STOP_GRACE_S:
                 driver.kill()
+    relay.join(timeout=5)
+    if rc not in (0, -signal.SIGTERM) and stopping["at"] is None:
+        print(f"convserve: the server exited with {rc}; the end of {log_path}:", flush=True)
+        with open(log_path, errors="replace") as f:
+            print("".join(f.readlines()[-30:]), end="", flush=True)
     _cleanup(driver.pid, config.port)
     return 0 if stopping["at"] is not None and rc in (0, -signal.SIGTERM) else rc
 

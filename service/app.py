@@ -9,7 +9,6 @@ and decoding requests, and the next batch fills while this one computes.
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 import torch
@@ -20,14 +19,15 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model import DEFAULT_BUNDLE, load_bundle
-from service.config import MAX_BATCH_SIZE_LIMIT, BatchingConfig, ServeConfig
+from service.config import MAX_BATCH_SIZE_LIMIT, MAX_FORWARD_LANES, BatchingConfig, ServeConfig
 from service.decode import decode_image_bytes
 from service.errors import ApiError, bad_request, not_found, timed_out
 from service.featuremaps import layer_json, to_npy, to_png_grid
 from service.inputs import ImageRequest, parse_top_k, read_images, single_image
+from service.lanes import ForwardLanes, default_lanes
 from service.metrics import ServiceMetrics
 from service.middleware import configure as configure_middleware
-from service.middleware import count_refusals_with, count_refused
+from service.middleware import count_refusals_with, count_refused, resize_admission
 from service.middleware import install as install_middleware
 from service.pacing import ForwardPacer
 from service.predictor import (
@@ -127,21 +127,30 @@ class ConvServe:
         self.layer_names = [info.name for info in self.bundle.layers]
         self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, self.predictor.device.type)
         count_refusals_with(self.metrics.count_answer)  # 401/503/400 answered before a route
-        # One forward thread: batches run one after another, while the event loop keeps decoding.
-        self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        # Forward lanes: batches compute side by side on their share of the cores, while the event
+        # loop keeps decoding (service/lanes.py).
+        threads = self.config.torch_threads or torch.get_num_threads()
+        lanes = self.config.forward_lanes or default_lanes(self.predictor.device.type, threads)
+        self.lanes = ForwardLanes(lanes, threads)
         sizes = self.config.warmup_batch_sizes or default_warmup_sizes(
             self.config.batching.max_batch_size, every_size=self.predictor.device.type == "cuda"
         )
-        # Warm up on the forward thread itself: OpenMP keeps a thread team per thread that runs
-        # parallel regions, and a second team (here, the constructor's) slowed the forward
-        # thread's 32-image pass by about 5% (`python -m loadtests.microbench threads`, README).
-        # The first pass per size pays one-time costs; the second is timed.
-        self._forward_pool.submit(self.predictor.warmup, sizes).result()
-        timings = self._forward_pool.submit(self.predictor.warmup, sizes).result()
-        log.info("warm-up done on %s: %s", self.predictor.device, {k: round(v, 4) for k, v in timings.items()})
-        # Holds requests while the forward thread is busy, and lets them form the next batch just
-        # before it is free (service/pacing.py).
-        self.pacer = ForwardPacer(PACING_MARGIN_S, seed_durations_s=timings)
+        # Warm up on the lanes themselves, with each thread count they will use: OpenMP keeps a
+        # thread team per OS thread, and a team created elsewhere (here, the constructor's) slowed
+        # the forward thread's 32-image pass by about 5% (`python -m loadtests.microbench threads`).
+        # The first pass per size pays one-time costs; the second is timed, lanes side by side.
+        for n in sorted({self.lanes.torch_threads, self.lanes.shared_threads}):
+            self.lanes.on_every_lane(lambda: self.predictor.warmup(sizes), threads=n)
+        timings = self.lanes.on_every_lane(lambda: self.predictor.warmup(sizes), threads=self.lanes.shared_threads)[0]
+        log.info(
+            "warm-up done on %s, %d lane(s): %s",
+            self.predictor.device,
+            lanes,
+            {k: round(v, 4) for k, v in timings.items()},
+        )
+        # Holds requests while every lane is busy, and lets them form the next batch just before
+        # one is free (service/pacing.py).
+        self.pacer = ForwardPacer(PACING_MARGIN_S, seed_durations_s=timings, lanes=lanes)
         self._apply_batching(self.config.batching)
         self.ready = True
 
@@ -157,6 +166,7 @@ class ConvServe:
         self._batched.set_max_batch_size(batching.max_batch_size)
         self._batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self._waiting_alone = False
+        resize_admission(batching.max_batch_size)
         # The gate opens this long before the forward thread is free: the batch wait, plus a margin
         # for the event loop to hand the batch over.
         self.pacer.lead_s = batching.batch_wait_timeout_s + PACING_MARGIN_S
@@ -170,24 +180,27 @@ class ConvServe:
             self._waiting_alone = alone
             self._batched.set_batch_wait_timeout_s(0.0 if alone else self.config.batching.batch_wait_timeout_s)
 
-    def check_health(self) -> None:
-        # On the forward thread: a health-check pass must never run beside a batch (they share
-        # the model and its feature-map hooks).
-        self._forward_pool.submit(self.predictor.check_health).result(timeout=25)
+    async def check_health(self) -> None:
+        """A tiny forward pass on a lane (never blocking the event loop); raises if the model no
+        longer gives valid scores, and Ray replaces the replica after repeated failures."""
+        await asyncio.wait_for(asyncio.wrap_future(self.lanes.submit(self.predictor.check_health)), 25)
 
-    # Two concurrent batches: one computing, the next already queued in the one-thread forward
-    # pool, so that it starts the moment the first ends (service/pacing.py).
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.004, max_concurrent_batches=2)
+    # Up to one batch per lane computing, and the next already queued in the lanes' pool, so that
+    # it starts the moment a lane is free (service/pacing.py gates how many actually form).
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.004, max_concurrent_batches=MAX_FORWARD_LANES + 1)
     async def _batched(self, items: list[WorkItem]) -> list[ItemResult | ItemError]:
-        loop = asyncio.get_running_loop()
-        self.pacer.submitted(len(items))
+        token = self.pacer.submitted(len(items))
         seconds = None
         try:
-            results, started, seconds = await loop.run_in_executor(self._forward_pool, self._timed_predict, items)
+            results, started, seconds = await asyncio.wrap_future(self.lanes.submit(self._timed_predict, items))
         finally:
-            self.pacer.finished(len(items), seconds)
+            self.pacer.finished(token, seconds)
         inference_s = next((r.inference_s for r in results if isinstance(r, ItemResult)), 0.0)
-        self.metrics.batch_done(len(items), inference_s, [started - i.enqueued_at for i in items])
+        waits = [started - i.enqueued_at for i in items]
+        for r, wait in zip(results, waits, strict=True):
+            if isinstance(r, ItemResult):
+                r.queue_s = wait
+        self.metrics.batch_done(len(items), inference_s, waits)
         return results
 
     def _timed_predict(self, items: list[WorkItem]) -> tuple[list[ItemResult | ItemError], float, float]:
@@ -255,9 +268,19 @@ class ConvServe:
     def _predictions(self, result: ItemResult) -> list[dict]:
         return [{"label": p.label, "index": p.index, "score": round(p.score, 6)} for p in result.predictions]
 
-    def _headers(self, results: list[ItemResult | ItemError]) -> dict[str, str]:
-        sizes = [r.batch_size for r in results if isinstance(r, ItemResult)]
-        return {"X-Batch-Size": str(max(sizes))} if sizes else {}
+    def _headers(self, results: list[ItemResult | ItemError], started: float) -> dict[str, str]:
+        """X-Batch-Size (images in the largest forward pass that served this request) and
+        Server-Timing (ms in the replica: waiting for a batch, in the forward pass, in all)."""
+        done = [r for r in results if isinstance(r, ItemResult)]
+        if not done:
+            return {}
+        queue_ms = 1000 * max(r.queue_s for r in done)
+        inference_ms = 1000 * max(r.inference_s for r in done)
+        total_ms = 1000 * (time.perf_counter() - started)
+        return {
+            "X-Batch-Size": str(max(r.batch_size for r in done)),
+            "Server-Timing": f"queue;dur={queue_ms:.2f}, inference;dur={inference_ms:.2f}, total;dur={total_ms:.2f}",
+        }
 
     async def _images(self, request: Request, endpoint: str) -> ImageRequest:
         req = await read_images(request, self.config.limits)
@@ -271,6 +294,7 @@ class ConvServe:
         self, request: Request, top_k: int | None = Query(None, description="how many classes, 1..number of classes")
     ) -> Response:
         self.metrics.request_started()
+        started = time.perf_counter()
         deadline = self._deadline()
         status = 500
         try:
@@ -295,7 +319,7 @@ class ConvServe:
                 ]
                 body = {"model": model_id, "results": entries}
             status = 200
-            return json_response(body, headers=self._headers(results))
+            return json_response(body, headers=self._headers(results, started))
         except ApiError as e:
             status = e.status
             raise
@@ -311,6 +335,7 @@ class ConvServe:
         include: str | None = Query(None, description="'values' adds the maps themselves (base64 float32)"),
     ) -> Response:
         self.metrics.request_started()
+        started = time.perf_counter()
         deadline = self._deadline()
         status = 500
         try:
@@ -329,7 +354,7 @@ class ConvServe:
             if isinstance(prepared, ItemError):
                 raise ApiError(prepared.status, prepared.code, prepared.message)
             result = (await self._run([prepared], deadline))[0]
-            headers = self._headers([result])
+            headers = self._headers([result], started)
             if format == "png":
                 response = Response(
                     to_png_grid(result.feature_maps[layers[0]]), media_type="image/png", headers=headers

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 MiB = 1024 * 1024
 MAX_BATCH_SIZE_LIMIT = 1024
+MAX_FORWARD_LANES = 4
 
 
 class Limits(BaseModel):
@@ -56,6 +57,13 @@ class ServeConfig(BaseModel):
     torch_threads: int | None = Field(
         None, gt=0, description="intra-op threads per replica; None = Ray's default (the replica's num_cpus)"
     )
+    forward_lanes: int | None = Field(
+        None,
+        gt=0,
+        le=MAX_FORWARD_LANES,
+        description="batches computed side by side, each on torch_threads / forward_lanes threads "
+        "(service/lanes.py); None = 1 on a GPU, 2 on a CPU with 2 or more threads",
+    )
     warmup_batch_sizes: list[int] | None = Field(None, description="None = powers of two up to max_batch_size")
 
     # Batching defaults (the deployment's user_config overrides them, live)
@@ -73,11 +81,11 @@ class ServeConfig(BaseModel):
     limits: Limits = Limits()
 
     # Reliability and security (service/middleware.py, docs/reliability.md)
-    queue_deadline_s: float = Field(
-        1.0,
+    admission_batches: float = Field(
+        4.0,
         ge=0,
-        description="503 `overloaded` at once for a request the replica could not finish within this many "
-        "seconds at its current rate (admission control); 0 = off",
+        description="admission control: 503 `overloaded` at once while this many batches of max_batch_size "
+        "requests are in the replica, so an admitted request waits about this many batch durations; 0 = off",
     )
     auth_token: SecretStr | None = Field(
         None, description="bearer token required on /v1/* (CONVSERVE_AUTH_TOKEN); None = no auth"

@@ -10,6 +10,7 @@ so a small file that declares a huge image (a decompression bomb) costs nothing.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -91,7 +92,24 @@ def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+SUPPORTED_FORMATS = "JPEG, PNG, GIF, WebP, BMP, TIFF (first frame or page)"
+_PYTHON_INTERNALS = re.compile(r"<[^<>]*>|\b0x[0-9a-fA-F]+\b|\s*\([^()]*BytesIO[^()]*\)")
+
+
+def cannot_decode(fmt: str | None, reason: str = "") -> ApiError:
+    """400 `invalid_image` naming the format and the problem, never a Python object's repr or a
+    memory address (Pillow puts `<_io.BytesIO object at 0x...>` in some of its messages)."""
+    reason = " ".join(_PYTHON_INTERNALS.sub("", reason).split()).strip(" :;,")
+    what = f"this {fmt.upper()} image" if fmt else "this image"
+    detail = f" ({reason})" if reason and "identify image file" not in reason else ""
+    return invalid_image(
+        f"cannot decode {what}: it is corrupt, truncated, or uses an encoding this service does not read"
+        f"{detail}; supported formats: {SUPPORTED_FORMATS}"
+    )
+
+
 def _decode_with_pillow(data: bytes, max_pixels: int) -> torch.Tensor:
+    fmt = sniff_format(data)
     try:
         with Image.open(io.BytesIO(data)) as img:
             _check_pixels(img.width, img.height, max_pixels)
@@ -102,9 +120,9 @@ def _decode_with_pillow(data: bytes, max_pixels: int) -> torch.Tensor:
     except ApiError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-        raise invalid_image(f"cannot decode image: {e}") from None
-    except Exception as e:  # noqa: BLE001 - Pillow raises a zoo of exceptions on hostile input
-        raise invalid_image(f"cannot decode image ({type(e).__name__})") from None
+        raise cannot_decode(fmt, str(e)) from None
+    except Exception:  # noqa: BLE001 - Pillow raises a zoo of exceptions on hostile input
+        raise cannot_decode(fmt) from None
 
 
 def decode_image_bytes(data: bytes, max_pixels: int) -> torch.Tensor:
@@ -113,7 +131,7 @@ def decode_image_bytes(data: bytes, max_pixels: int) -> torch.Tensor:
         raise invalid_image("empty image: the request carried no image bytes")
     fmt = sniff_format(data)
     if fmt is None:
-        raise invalid_image("not an image in a supported format (JPEG, PNG, GIF, WebP, BMP, TIFF)")
+        raise invalid_image(f"not an image in a supported format ({SUPPORTED_FORMATS})")
     if fmt == "jpeg":
         size = _jpeg_size(data)
         if size is None:

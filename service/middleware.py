@@ -6,15 +6,14 @@ Both answer on their own, with convserve's JSON error body, before a request bod
   CONVSERVE_AUTH_TOKEN / CONVSERVE_AUTH_TOKEN_FILE environment variables), every `/v1/*` request
   must carry `Authorization: Bearer <token>`; otherwise 401 `unauthorized` with
   `WWW-Authenticate: Bearer`. `/healthz`, `/readyz`, `/docs`, `/openapi.json` stay open.
-- `OverloadGuard`: admission control for the inference routes. While requests arrive more than
-  1.5x as fast as the replica finishes them, a request is admitted only while the requests already
-  inside the replica can be finished within `queue_deadline_s` at the rate the replica has been
-  finishing them (Little's law: in flight < completions/s x deadline); otherwise 1.3 times that. Beyond
-  that it is answered at once with 503 `overloaded` and `Retry-After: 1`, so that past capacity
-  latency stays bounded and refusals are fast, instead of every request waiting in a queue that
-  only grows. The admitted count is at least two batches (`2 x max_batch_size`) and stays a little
-  below the deployment's `max_ongoing_requests` (240 of 256), so that requests do not wait in
-  Ray's own queue, where this guard cannot see them.
+- `OverloadGuard`: admission control for the inference routes. A request is admitted while fewer
+  than `admission_batches x max_batch_size` requests are in the replica (4 x 32 = 128 by default),
+  so an admitted request waits about `admission_batches` batch durations at most, whatever the
+  device. Beyond that it is answered at once with 503 `overloaded` and `Retry-After: 1`, so that
+  past capacity latency stays bounded and refusals are fast, instead of every request waiting in
+  a queue that only grows. The count stays a little below the deployment's
+  `max_ongoing_requests` (240 of 256), so that requests do not wait in Ray's own queue, where
+  this guard cannot see them.
 
 Both are installed on the FastAPI app at import (`install(api)`) and configured from the
 replica's ServeConfig in `ConvServe.__init__` (`configure(config)`); unconfigured, they pass
@@ -23,9 +22,8 @@ everything through.
 
 from __future__ import annotations
 
-import collections
 import hmac
-import time
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,57 +60,38 @@ def resolve_auth_token(config: ServeConfig) -> str | None:
 
 
 class AdmissionGate:
-    """Admit while in_flight < clamp(completions/s x deadline_s x slack, floor, cap). Not thread-safe: one event loop.
+    """Admit while fewer than `limit` requests are in the replica. Not thread-safe: one event loop.
 
-    `slack` is 1 while requests arrive faster than the replica finishes them (the queue grows:
-    overload, so bound the wait to the deadline), and `stable_slack` while they do not (a closed
-    loop of clients, or load at capacity: the queue is stable, and a refusal there only makes the
-    client send again at once, a storm that costs the replica the CPU it needs to catch up).
+    The limit is counted in batches (`batches x max_batch_size`, at most `cap`), so the wait a
+    request is admitted to is about `batches` batch durations, on a CPU (a batch of 32 in about
+    200 ms) and on a GPU (a few ms) alike, whatever the rate the replica has reached. It does not
+    follow the measured completion rate: a rate-based limit fell when refusals took CPU from the
+    forward pass, which refused more (the retry storm of issue 15). A closed loop of N clients
+    holds at most N requests, so with N <= the limit nobody is refused.
     """
 
-    OVERLOAD_RATIO = 1.5  # arrivals/s over completions/s beyond which the queue is taken to grow
-
-    def __init__(self, deadline_s: float, floor: int, cap: int, window_s: float = 2.0, stable_slack: float = 1.3):
-        self.deadline_s = deadline_s
-        self.floor = max(1, min(floor, cap))
+    def __init__(self, max_batch_size: int, batches: float, cap: int):
         self.cap = max(1, cap)
-        self.window_s = window_s
-        self.stable_slack = stable_slack
+        self.batches = batches
+        self.max_batch_size = max_batch_size
         self.in_flight = 0
-        self._done: collections.deque[float] = collections.deque()
-        self._arrived: collections.deque[float] = collections.deque()
-        self._started_at = time.monotonic()
 
-    def _per_s(self, events: collections.deque[float], now: float) -> float:
-        horizon = now - self.window_s
-        while events and events[0] < horizon:
-            events.popleft()
-        return len(events) / max(1e-3, min(self.window_s, now - self._started_at))
+    @property
+    def limit(self) -> int:
+        return max(1, min(self.cap, math.ceil(self.batches * self.max_batch_size)))
 
-    def rate(self, now: float) -> float:
-        """Requests finished per second over the last window (or since start, if shorter)."""
-        return self._per_s(self._done, now)
+    def resize(self, max_batch_size: int) -> None:
+        """A new max_batch_size (live reconfigure): the limit follows it."""
+        self.max_batch_size = max_batch_size
 
-    def arrival_rate(self, now: float) -> float:
-        """Requests that asked to enter (admitted or not) per second over the last window."""
-        return self._per_s(self._arrived, now)
-
-    def limit(self, now: float) -> int:
-        rate = self.rate(now)
-        slack = 1.0 if self.arrival_rate(now) > self.OVERLOAD_RATIO * rate else self.stable_slack
-        return max(self.floor, min(self.cap, int(rate * self.deadline_s * slack)))
-
-    def try_enter(self, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        self._arrived.append(now)
-        if self.in_flight >= self.limit(now):
+    def try_enter(self) -> bool:
+        if self.in_flight >= self.limit:
             return False
         self.in_flight += 1
         return True
 
-    def leave(self, now: float | None = None) -> None:
+    def leave(self) -> None:
         self.in_flight -= 1
-        self._done.append(time.monotonic() if now is None else now)
 
 
 class _Settings:
@@ -147,13 +126,13 @@ def configure(config: ServeConfig, max_ongoing_requests: int | None = None) -> N
     """Apply the replica's settings (call once, in the deployment's constructor)."""
     token = resolve_auth_token(config)
     SETTINGS.token = token.encode() if token else None
-    if not config.queue_deadline_s:
+    if not config.admission_batches:
         SETTINGS.gate = None
         return
-    ongoing = max_ongoing_requests or _replica_max_ongoing_requests() or 128
+    ongoing = max_ongoing_requests or replica_max_ongoing_requests()
     SETTINGS.gate = AdmissionGate(
-        deadline_s=config.queue_deadline_s,
-        floor=2 * config.batching.max_batch_size,  # two batches: one computing, one filling
+        max_batch_size=config.batching.max_batch_size,
+        batches=config.admission_batches,
         # Below max_ongoing_requests: at it, requests would wait in Ray's queue, unseen by this guard,
         # since a request holds a Ray slot for a moment before the guard answers it (measured: at
         # cap = max_ongoing_requests, 4x overload filled Ray's queue and accepted p99 rose 4-fold).
@@ -161,13 +140,26 @@ def configure(config: ServeConfig, max_ongoing_requests: int | None = None) -> N
     )
 
 
-def _replica_max_ongoing_requests() -> int | None:
-    try:
-        from ray import serve
+def resize_admission(max_batch_size: int) -> None:
+    """A live change of max_batch_size (the deployment's reconfigure): the admission limit follows."""
+    if SETTINGS.gate is not None:
+        SETTINGS.gate.resize(max_batch_size)
 
+
+def replica_max_ongoing_requests() -> int:
+    """The deployment's `max_ongoing_requests`, read from the running replica's config.
+
+    Ray exposes it only through a private field; if a Ray upgrade moves it, say so at start
+    rather than guess a cap (this used to fall back to 128 in silence)."""
+    from ray import serve
+
+    try:
         return int(serve.get_replica_context()._deployment_config.max_ongoing_requests)
-    except Exception:  # noqa: BLE001 - outside a replica, or a Ray without this private field
-        return None
+    except Exception as e:  # noqa: BLE001 - outside a replica, or a Ray without this private field
+        raise RuntimeError(
+            "admission control needs the deployment's max_ongoing_requests, and this Ray does not expose it "
+            f"({type(e).__name__}: {e}); set admission_batches: 0 to run without admission control"
+        ) from None
 
 
 # --- the ASGI middlewares ---------------------------------------------------------------------

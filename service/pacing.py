@@ -23,17 +23,31 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import collections
+import itertools
 import time
 
 
 class ForwardPacer:
-    def __init__(self, lead_s: float, seed_durations_s: dict[int, float] | None = None, smoothing: float = 0.2):
+    """The gate in front of `lanes` forward threads (lanes: batches that compute side by side).
+
+    `submitted(n)` returns a token for the batch; `finished(token, seconds)` retires it. A batch
+    beyond `lanes` waits in the worker pool for the first free lane.
+    """
+
+    def __init__(
+        self,
+        lead_s: float,
+        seed_durations_s: dict[int, float] | None = None,
+        smoothing: float = 0.2,
+        lanes: int = 1,
+    ):
         self.lead_s = lead_s
         self.smoothing = smoothing
+        self.lanes = max(1, lanes)
         self._durations: dict[int, float] = {n: s for n, s in (seed_durations_s or {}).items() if n > 0 and s > 0}
-        self._pool: collections.deque[int] = collections.deque()  # sizes of batches handed over, not finished
-        self._busy_until = 0.0  # time.monotonic() when the pool is predicted to be free
+        # Batches handed over and not finished, in order: token -> [size, predicted end or None while queued].
+        self._pool: dict[int, list] = {}
+        self._tokens = itertools.count()
         self._gate = asyncio.Event()
         self._gate.set()
         self._timer: asyncio.TimerHandle | None = None
@@ -67,40 +81,61 @@ class ForwardPacer:
     def idle(self) -> bool:
         return not self._pool
 
+    @property
+    def running(self) -> int:
+        """Batches computing now (at most `lanes`)."""
+        return sum(1 for _, end in self._pool.values() if end is not None)
+
     async def wait_turn(self) -> None:
         """Return when a request should join the next batch."""
         await self._gate.wait()
 
-    def submitted(self, batch_size: int, now: float | None = None) -> None:
-        """A batch was handed to the worker pool: it runs after the ones already there."""
+    def submitted(self, batch_size: int, now: float | None = None) -> int:
+        """A batch was handed to the worker pool: it runs on a free lane, or after the first to end."""
         now = time.monotonic() if now is None else now
-        self._pool.append(batch_size)
-        self._busy_until = max(now, self._busy_until) + self.predict_s(batch_size)
+        token = next(self._tokens)
+        self._pool[token] = [batch_size, None]
+        self._start_queued(now)
+        self._update(now)
+        return token
+
+    def finished(self, token: int, seconds: float | None, now: float | None = None) -> None:
+        """The batch `token` is done (`seconds` of forward pass; None if it failed)."""
+        now = time.monotonic() if now is None else now
+        size, _ = self._pool.pop(token)
+        if seconds is not None:
+            self.observe(size, seconds)
+        self._start_queued(now)
         self._update(now)
 
-    def finished(self, batch_size: int, seconds: float | None, now: float | None = None) -> None:
-        """The oldest batch in the pool is done (`seconds` of forward pass; None if it failed)."""
-        now = time.monotonic() if now is None else now
-        if seconds is not None:
-            self.observe(batch_size, seconds)
-        self._pool.popleft()
-        # Re-base the prediction on what just happened: the next batch in the pool starts now.
-        self._busy_until = now + sum(self.predict_s(n) for n in self._pool)
-        self._update(now)
+    def _start_queued(self, now: float) -> None:
+        """Queued batches take the free lanes, oldest first; each is predicted to end one forward later."""
+        free = self.lanes - self.running
+        for entry in self._pool.values():
+            if free <= 0:
+                break
+            if entry[1] is None:
+                entry[1] = now + self.predict_s(entry[0])
+                free -= 1
 
     def _update(self, now: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        # Open when the pool is empty, or when only the running batch is left and it ends within
-        # lead_s. A batch already waiting in the pool means the next one must wait its turn.
-        opens_at = self._busy_until - self.lead_s
-        if not self._pool or (len(self._pool) == 1 and now >= opens_at):
+        # Open while a lane is free, or while every lane is busy, none is queued, and the first to
+        # end does so within lead_s. A batch already waiting in the pool means the next must wait.
+        if len(self._pool) < self.lanes:
+            self._gate.set()
+            return
+        if len(self._pool) > self.lanes:
+            self._gate.clear()
+            return
+        opens_at = min(end for _, end in self._pool.values()) - self.lead_s
+        if now >= opens_at:
             self._gate.set()
             return
         self._gate.clear()
-        if len(self._pool) == 1:
-            self._timer = asyncio.get_running_loop().call_later(opens_at - now, self._update_now)
+        self._timer = asyncio.get_running_loop().call_later(opens_at - now, self._update_now)
 
     def _update_now(self) -> None:
         self._timer = None

@@ -46,6 +46,7 @@ class ItemResult:
     feature_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> float32 CPU tensor
     batch_size: int = 1
     inference_s: float = 0.0
+    queue_s: float = 0.0  # waited for its batch to start (set by the serving layer)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import glob
 import io
 import logging
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -83,6 +84,20 @@ def configure_ingress_env(ingress: str, binary: str | None, port: int) -> None:
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
 
 
+# Ray Serve settings for every replica process (read by Ray at import; the KubeRay manifests set
+# the same in the containers' env, tests/test_deploy.py checks it). User code on the replica's
+# own event loop instead of a second loop in another thread: each request otherwise crosses
+# between the two loops twice. Measured with wrk at 32 connections, two runs each way: 12.5 and
+# 13.5 ms of machine CPU per request against 15.5 and 15.7 (README, "Where the time went").
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
+
+def configure_replica_env() -> None:
+    """Must run before Ray starts; a value already in the environment wins."""
+    for key, value in REPLICA_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def haproxy_in_flight(port: int) -> int | None:
     """Requests HAProxy is forwarding to replicas now, from its stats socket; None if none answers."""
     total = None
@@ -148,6 +163,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, default=None, help="Ray metrics export port (default: 8080)")
     p.add_argument("--ingress", choices=["auto", "proxy", "haproxy"], default=None, help="(default: auto)")
     p.add_argument("--serve-config", default=str(DEFAULT_SERVE_CONFIG), help="Serve config file (default: %(default)s)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and HAProxy's logs live (default: to a file)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may use (default: all)")
     p.add_argument("--replicas", type=int, default=None, help="fixed replica count (default: the file's autoscaling)")
     p.add_argument("--replica-cpus", type=float, default=None, help="CPUs per replica (default: the file's)")
@@ -184,12 +200,21 @@ def serve_forever(config: ServeConfig, options: dict, num_cpus: float | None = N
     ingress, binary = resolve_ingress(config.ingress)
     configure_ingress_env(ingress, binary, config.port)
     configure_loopback_env(config.host)
+    configure_replica_env()
 
     import ray
+    import torch
     from ray import serve
 
     from service.app import build_app_with_options
 
+    print(
+        f"convserve: environment: Python {platform.python_version()}, torch {torch.__version__}, "
+        f"Ray {ray.__version__}, "
+        f"{os.cpu_count()} CPUs, {'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, "
+        f"ingress {ingress}{' (' + binary + ')' if binary else ''}",
+        flush=True,
+    )
     ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -202,6 +227,7 @@ def serve_forever(config: ServeConfig, options: dict, num_cpus: float | None = N
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
+    print(f"convserve: Ray started; its logs: {ray_logs_dir()}", flush=True)
     try:
         serve.start(
             http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s}
@@ -211,8 +237,8 @@ def serve_forever(config: ServeConfig, options: dict, num_cpus: float | None = N
         )
         where = f"http://{config.host}:{config.port}"
         print(
-            f"convserve: ready on {where} (ingress: {ingress}{' ' + binary if binary else ''}); "
-            f"metrics on http://127.0.0.1:{config.metrics_export_port}/metrics; Ctrl-C stops",
+            f"convserve: ready on {where} (try {where}/docs); metrics on "
+            f"http://127.0.0.1:{config.metrics_export_port}/metrics; Ctrl-C stops",
             flush=True,
         )
         # For `ray.init(address=...)` + `serve.status()` from another process (tests, operators).
@@ -230,6 +256,15 @@ def serve_forever(config: ServeConfig, options: dict, num_cpus: float | None = N
     return 0
 
 
+def ray_logs_dir() -> str:
+    try:
+        import ray
+
+        return ray._private.worker.global_worker.node.get_logs_dir_path()
+    except Exception:  # noqa: BLE001 - a private path; the message is only informative
+        return "/tmp/ray/session_latest/logs"
+
+
 def preflight(config: ServeConfig) -> None:
     """Fail fast with a clear message, before Ray starts. A bundle that cannot load would otherwise
     fail in the replica's constructor, which Ray retries for ever while the service never comes up."""
@@ -239,9 +274,17 @@ def preflight(config: ServeConfig) -> None:
 
     path = config.bundle_path or DEFAULT_BUNDLE
     try:
-        load_bundle(path, describe=False)  # manifest, SHA-256 of the weights, safetensors into the architecture
+        # manifest, SHA-256 of the weights, safetensors into the architecture
+        bundle = load_bundle(path, describe=False)
     except BundleError as e:
         raise SystemExit(f"convserve: cannot serve the model bundle {path}: {e}") from None
+    accuracy = ", ".join(f"{k} {v:.4f}" for k, v in (bundle.manifest.get("metrics") or {}).items() if "top1" in k)
+    params = sum(p.numel() for p in bundle.model.parameters()) / 1e6
+    print(
+        f"convserve: model {bundle.model_id} ({bundle.arch}, {params:.1f} M parameters"
+        f"{', ' + accuracy if accuracy else ''}) from {path}",
+        flush=True,
+    )
     try:
         resolve_auth_token(config)
     except AuthConfigError as e:

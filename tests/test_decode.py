@@ -381,3 +381,41 @@ def test_sniff_format_of_pillow_output(fmt):
     if fmt == "WEBP" and not features.check("webp"):
         pytest.skip("Pillow built without WebP")
     assert sniff_format(encode(noise(4, 4), fmt)) == fmt.lower()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"II*\x00" + b"\x00" * 50,  # TIFF header, nothing behind it: Pillow "cannot identify image file <_io.BytesIO ...>"
+        b"MM\x00*" + bytes(range(256)),
+        b"\x89PNG\r\n\x1a\n" + b"x" * 20,
+        b"GIF89a" + b"\x00" * 3,
+        b"BM" + b"\xff" * 40,
+    ],
+    ids=["tiff-empty", "tiff-garbage", "png-garbage", "gif-short", "bmp-garbage"],
+)
+def test_undecodable_images_get_a_message_without_python_internals(data):
+    with pytest.raises(ApiError) as e:
+        decode_image_bytes(data, 10**7)
+    message = e.value.message
+    assert e.value.status == 400 and e.value.code == "invalid_image"
+    assert "BytesIO" not in message and "0x" not in message and "<" not in message, message
+    assert sniff_format(data).upper() in message.upper() and "supported formats: JPEG, PNG" in message
+
+
+@pytest.mark.parametrize("compression", ["raw", "tiff_lzw", "tiff_deflate", "packbits", "jpeg"])
+def test_tiff_compressions_decode_to_the_first_page(compression):
+    pages = [Image.new("RGB", (40, 30), colour) for colour in ("red", "blue", "green")]
+    buf = io.BytesIO()
+    pages[0].save(buf, format="TIFF", compression=compression, save_all=True, append_images=pages[1:])
+    out = decode_image_bytes(buf.getvalue(), 10**7)
+    assert out.shape == (3, 30, 40)
+    assert out[0].float().mean() > 200 and out[2].float().mean() < 60  # red page, not blue or green
+
+
+def test_tiff_pixel_limit_is_checked_before_decoding():
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 100)).save(buf, format="TIFF", compression="tiff_deflate")
+    with pytest.raises(ApiError) as e:
+        decode_image_bytes(buf.getvalue(), 9_999)
+    assert e.value.status == 413

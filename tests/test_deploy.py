@@ -882,3 +882,14 @@ def test_serve_config_deploys_on_a_multinode_ray_cluster(tmp_path, sample_dir):
         shutil.rmtree(temp_dir, ignore_errors=True)
     for node in nodes:
         assert not [p for p in node.processes() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_ray_container_gets_the_replica_settings_make_serve_uses(overlay):
+    from service.server import REPLICA_ENV
+
+    for group, template in pod_templates(rayservice(overlay)).items():
+        for container in template["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            for key, value in REPLICA_ENV.items():
+                assert env.get(key) == value, f"{group}/{container['name']}: {key}"

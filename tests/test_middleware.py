@@ -107,57 +107,31 @@ def test_auth_token_from_env_or_file(tmp_path):
 # --- admission control -----------------------------------------------------------------------------
 
 
-def _gate(deadline_s: float = 0.5, cap: int = 100) -> AdmissionGate:
-    gate = AdmissionGate(deadline_s=deadline_s, floor=4, cap=cap, window_s=1.0)
-    gate._started_at = 0.0
-    return gate
+def test_gate_admits_a_number_of_batches_whatever_the_rate():
+    gate = AdmissionGate(max_batch_size=32, batches=4, cap=240)
+    assert gate.limit == 128
+    assert all(gate.try_enter() for _ in range(128)) and not gate.try_enter()
+    gate.leave()
+    assert gate.in_flight == 127 and gate.try_enter()
 
 
-def _finish(gate: AdmissionGate, n: int, start: float, step: float, arrived: bool = False) -> None:
-    """n requests that enter and leave at start, start + step, ... (counted as arrivals if `arrived`)."""
-    for i in range(n):
-        gate.in_flight += 1
-        gate.leave(now=start + i * step)
-        if arrived:
-            gate._arrived.append(start + i * step)
+def test_a_closed_loop_within_the_limit_is_never_refused():
+    # 128 clients that each send again when answered: the in-flight count never passes 128, so
+    # no client is refused (a rate-based limit refused them into a retry storm, issue 15).
+    gate = AdmissionGate(max_batch_size=32, batches=4, cap=240)
+    assert all(gate.try_enter() for _ in range(128))
+    for _ in range(1000):
+        gate.leave()
+        assert gate.try_enter()
 
 
-def test_gate_admits_the_floor_when_idle_then_follows_the_rate():
-    gate = _gate()
-    assert [gate.try_enter(now=10.0) for _ in range(5)] == [True] * 4 + [False]
-    for _ in range(4):
-        gate.leave(now=10.0)
-    _finish(gate, 60, start=10.0, step=0.01)
-    # 64 completions within the last second, 5 arrivals: a stable queue, so 1.3 x 64/s x 0.5 s
-    # may be in flight
-    assert gate.in_flight == 0 and gate.limit(now=10.6) == 41
-    assert gate.limit(now=12.0) == 4  # the window has passed: back to the floor
-
-
-def test_gate_bounds_the_wait_to_the_deadline_while_the_queue_grows():
-    gate = _gate()
-    _finish(gate, 64, start=10.0, step=0.01)
-    for i in range(100):  # 100 arrivals against 64 completions: more than 50% over
-        gate._arrived.append(10.0 + i / 100)
-    assert gate.limit(now=10.7) == 32  # 64/s x 0.5 s
-    gate.in_flight = 32
-    assert not gate.try_enter(now=10.7)
-
-
-def test_gate_lets_a_closed_loop_past_the_deadline_limit():
-    # Closed-loop clients send only when answered: arrivals follow completions, the queue is stable,
-    # and a refusal would only come straight back.
-    gate = _gate()
-    _finish(gate, 64, start=10.0, step=0.01, arrived=True)
-    gate.in_flight = 36  # past 64/s x 0.5 s = 32
-    assert all(gate.try_enter(now=10.65) for _ in range(5))
-    assert gate.limit(now=10.65) == 41 and not gate.try_enter(now=10.65)
-
-
-def test_gate_limit_is_capped():
-    gate = _gate(deadline_s=10.0, cap=20)
-    _finish(gate, 500, start=5.0, step=0.001)
-    assert gate.limit(now=5.5) == 20
+def test_gate_limit_follows_a_live_batch_size_change_and_is_capped():
+    gate = AdmissionGate(max_batch_size=32, batches=2.5, cap=100)
+    assert gate.limit == 80
+    gate.resize(8)
+    assert gate.limit == 20
+    gate.resize(64)
+    assert gate.limit == 100  # capped below max_ongoing_requests
 
 
 def guard(gate: AdmissionGate | None) -> OverloadGuard:
@@ -167,7 +141,7 @@ def guard(gate: AdmissionGate | None) -> OverloadGuard:
 
 
 def test_guard_rejects_fast_with_json_503_and_retry_after():
-    gate = AdmissionGate(deadline_s=1.0, floor=2, cap=2)
+    gate = AdmissionGate(max_batch_size=2, batches=1, cap=2)
     gate.in_flight = 2
     status, hdrs, body = call(guard(gate), "/v1/classify")
     assert status == 503 and hdrs["retry-after"] == "1" and hdrs["content-type"] == "application/json"
@@ -178,21 +152,25 @@ def test_guard_rejects_fast_with_json_503_and_retry_after():
 
 
 def test_guard_counts_admitted_requests_in_and_out():
-    gate = AdmissionGate(deadline_s=1.0, floor=2, cap=2)
+    gate = AdmissionGate(max_batch_size=2, batches=1, cap=2)
     assert call(guard(gate), "/v1/feature-maps")[0] == 200
-    assert gate.in_flight == 0 and len(gate._done) == 1
-    assert call(guard(None), "/v1/classify")[0] == 200  # queue_deadline_s = 0: no guard
+    assert gate.in_flight == 0
+    assert call(guard(None), "/v1/classify")[0] == 200  # admission_batches = 0: no guard
 
 
 def test_configure_sizes_the_gate_from_the_config():
     from service import middleware
 
-    configure(ServeConfig(queue_deadline_s=1.5), max_ongoing_requests=128)
+    configure(ServeConfig(admission_batches=3), max_ongoing_requests=128)
     gate = middleware.SETTINGS.gate
-    assert gate.deadline_s == 1.5 and gate.floor == 64 and gate.cap == 120
-    configure(ServeConfig(queue_deadline_s=0))
+    assert gate.limit == 96 and gate.cap == 120
+    middleware.resize_admission(64)  # reconfigure: the limit follows max_batch_size
+    assert gate.limit == 120
+    configure(ServeConfig(admission_batches=0))
     assert middleware.SETTINGS.gate is None and middleware.SETTINGS.token is None
-    configure(ServeConfig())  # back to the defaults for whatever runs next in this process
+    with pytest.raises(RuntimeError, match="max_ongoing_requests"):
+        configure(ServeConfig())  # outside a replica: no deployment config to read, and no guessing
+    configure(ServeConfig(), max_ongoing_requests=256)  # back to the defaults for whatever runs next
 
 
 def test_preflight_passes_the_embedded_bundle():
@@ -277,7 +255,7 @@ def test_refusals_are_counted_by_endpoint_with_unknown_paths_pooled():
     call(refusing_auth, "/v1/classify")
     call(refusing_auth, "/v1/no-such-route-1234")  # no label per path: clients cannot grow the metric
     call(refusing_auth, "/healthz")  # open, not refused, not counted
-    full = AdmissionGate(deadline_s=1.0, floor=2, cap=2)
+    full = AdmissionGate(max_batch_size=2, batches=1, cap=2)
     full.in_flight = 2
     shedding = guard(full)
     shedding.settings.on_refused = refusing_auth.settings.on_refused

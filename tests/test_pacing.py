@@ -32,11 +32,11 @@ def test_gate_is_open_while_idle_and_closes_for_a_long_batch():
         pacer = ForwardPacer(lead_s=0.005, seed_durations_s={32: 0.200})
         assert pacer.idle
         await asyncio.wait_for(pacer.wait_turn(), 0.01)  # idle: no wait at all
-        pacer.submitted(32)
+        token = pacer.submitted(32)
         assert not pacer.idle
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(pacer.wait_turn(), 0.05)  # 200 ms to go: hold
-        pacer.finished(32, 0.21)
+        pacer.finished(token, 0.21)
         await asyncio.wait_for(pacer.wait_turn(), 0.01)
         assert pacer.idle
 
@@ -59,14 +59,38 @@ def test_gate_opens_lead_before_the_running_batch_is_predicted_to_end():
 def test_a_queued_batch_keeps_the_gate_shut_until_it_runs():
     async def scenario():
         pacer = ForwardPacer(lead_s=0.005, seed_durations_s={1: 0.001, 32: 0.001})
-        pacer.submitted(32)  # running
-        pacer.submitted(32)  # queued behind it: the next requests must wait for a third batch
+        first = pacer.submitted(32)  # running
+        second = pacer.submitted(32)  # queued behind it: the next requests must wait for a third batch
         await asyncio.sleep(0.02)  # past both predictions: still shut while two are in the pool
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(pacer.wait_turn(), 0.02)
-        pacer.finished(32, 0.001)  # the queued one runs now and ends within lead_s
+        pacer.finished(first, 0.001)  # the queued one runs now and ends within lead_s
         await asyncio.wait_for(pacer.wait_turn(), 0.02)
-        pacer.finished(32, None)  # a failed batch: no measurement, the pool still empties
+        pacer.finished(second, None)  # a failed batch: no measurement, the pool still empties
         assert pacer.idle and pacer.predict_s(32) == pytest.approx(0.001)
+
+    asyncio.run(scenario())
+
+
+def test_two_lanes_take_two_batches_before_the_gate_holds():
+    async def scenario():
+        pacer = ForwardPacer(lead_s=0.005, seed_durations_s={32: 0.200}, lanes=2)
+        first = pacer.submitted(32)
+        await asyncio.wait_for(pacer.wait_turn(), 0.01)  # the second lane is free: no wait
+        assert pacer.running == 1
+        second = pacer.submitted(32)
+        assert pacer.running == 2
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pacer.wait_turn(), 0.05)  # both busy for ~200 ms: hold
+        third = pacer.submitted(32)  # handed over anyway (a request already past the gate): it queues
+        assert pacer.running == 2
+        pacer.finished(second, 0.2)  # lanes finish out of order; the queued batch takes the free lane
+        assert pacer.running == 2
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pacer.wait_turn(), 0.02)
+        pacer.finished(first, 0.2)
+        await asyncio.wait_for(pacer.wait_turn(), 0.01)  # one lane free again
+        pacer.finished(third, 0.2)
+        assert pacer.idle
 
     asyncio.run(scenario())

@@ -1,0 +1,84 @@
+"""Forward lanes: worker threads that run forward passes side by side, each on its share of the cores.
+
+Why not one forward thread with all of torch's threads? An intra-op team of N threads meets at a
+barrier after every layer, so when anything else takes one of its cores (the replica's event
+loop decoding the next requests, HAProxy, the load generator, Ray's own processes: Ray runs
+replicas at nice 15, below all of them) every thread of the team waits for that one. Measured
+on the 2-core machine (`python -m loadtests.microbench lanes`): the embedded model's forward
+pass at batch 16 did 198 img/s with one 2-thread team and 204 with two 1-thread lanes; with a
+process next to it taking about a third of one core, the team fell to 130 img/s and the lanes
+kept 189. A lane on one thread has no barrier to wait at.
+
+A batch that starts while no other batch is computing gets all `torch_threads` (a single request
+on an idle replica is served as fast as the offline single-image pass); batches that overlap get
+`torch_threads // lanes` each. Torch's thread count is per OS thread under OpenMP
+(`torch.set_num_threads` sets the calling thread's team size), so each lane sets its own.
+
+Pure threads and torch: no Ray, no asyncio.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def default_lanes(device_type: str, torch_threads: int) -> int:
+    """One lane on a GPU (one stream keeps it busy); on a CPU, a lane per thread, at most two."""
+    if device_type == "cuda":
+        return 1
+    return max(1, min(2, torch_threads))
+
+
+class ForwardLanes:
+    def __init__(self, lanes: int, torch_threads: int):
+        self.lanes = max(1, lanes)
+        self.torch_threads = max(1, torch_threads)
+        self.shared_threads = max(1, self.torch_threads // self.lanes)
+        self._pool = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix="forward")
+        self._lock = threading.Lock()
+        self._running = 0
+        self._local = threading.local()
+
+    def threads_for_next(self) -> int:
+        """Threads a batch starting now would get."""
+        with self._lock:
+            return self.torch_threads if self._running == 0 else self.shared_threads
+
+    def submit(self, fn: Callable[..., T], *args) -> Future[T]:
+        """Run `fn(*args)` on a free lane (or the first to free up), on its share of the threads."""
+        return self._pool.submit(self._run, fn, args, None)
+
+    def _run(self, fn: Callable[..., T], args: tuple, threads: int | None) -> T:
+        with self._lock:
+            if threads is None:
+                threads = self.torch_threads if self._running == 0 else self.shared_threads
+            self._running += 1
+        try:
+            if getattr(self._local, "threads", None) != threads:
+                torch.set_num_threads(threads)  # this OS thread's OpenMP team size
+                self._local.threads = threads
+            return fn(*args)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def on_every_lane(self, fn: Callable[[], T], threads: int) -> list[T]:
+        """Run `fn()` once on each lane's own thread, all at once, with `threads` each (warm-up:
+        OpenMP keeps a team per thread, and each lane's first passes pay one-time costs)."""
+        barrier = threading.Barrier(self.lanes)
+
+        def on_lane() -> T:
+            barrier.wait()  # holds each task on its own lane until every lane has one
+            return self._run(fn, (), threads)
+
+        return [f.result() for f in [self._pool.submit(on_lane) for _ in range(self.lanes)]]
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
