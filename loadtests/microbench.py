@@ -5,6 +5,7 @@ measured alone, without Ray or HTTP.
     OMP_NUM_THREADS=1 python -m loadtests.microbench threads   # forward: main thread vs a worker thread
     OMP_NUM_THREADS=1 python -m loadtests.microbench threads --keep-large-allocations
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=passive python -m loadtests.microbench threads
+    python -m loadtests.microbench lanes [--hog]   # one 2-thread forward vs two 1-thread lanes side by side
 
 `threads` mimics a replica (Ray sets OMP_NUM_THREADS from num_cpus: 1; set it as above): torch on
 --torch-threads threads, the embedded model in a BatchedPredictor, the p50 of --repeats passes at
@@ -68,9 +69,57 @@ def forward_ms(repeats: int, worker_first: bool) -> dict[str, dict[int, float]]:
     return out
 
 
+_HOG = """import time
+while True:
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.003:
+        pass
+    time.sleep(0.005)
+"""
+
+
+def lanes_img_per_s(batch_size: int = 16, seconds: float = 4.0, hog: bool = False) -> dict[str, float]:
+    """Forward img/s of one pass on 2 threads against two passes side by side on 1 thread each.
+
+    With `hog`, a process beside it takes about 3 ms of every 8 (roughly a third of a core), as the
+    replica's event loop, HAProxy and the load generator do in a served run (service/lanes.py)."""
+    import subprocess
+    import sys
+
+    from model import DEFAULT_BUNDLE, load_bundle
+    from service.predictor import BatchedPredictor, WorkItem, keep_large_allocations
+
+    keep_large_allocations()
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    predictor = BatchedPredictor(bundle, "cpu", "bf16", True)
+    size = bundle.preprocess.input_size
+    items = [WorkItem(torch.randn(3, size, size), top_k=1) for _ in range(batch_size)]
+
+    def rate(threads: int) -> float:
+        torch.set_num_threads(threads)  # this thread's team
+        predictor.predict(items)
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            predictor.predict(items)
+            done += batch_size
+        return done / (time.perf_counter() - start)
+
+    side = subprocess.Popen([sys.executable, "-c", _HOG]) if hog else None
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            one = pool.submit(rate, 2).result()
+            lanes = sum(f.result() for f in [pool.submit(rate, 1) for _ in range(2)])
+    finally:
+        if side:
+            side.kill()
+    return {"one 2-thread pass": round(one, 1), "two 1-thread lanes": round(lanes, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["decode", "threads"])
+    p.add_argument("what", choices=["decode", "threads", "lanes"])
+    p.add_argument("--hog", action="store_true", help="lanes: a process beside it takes about a third of a core")
+    p.add_argument("--batch-size", type=int, default=16, help="lanes: images per forward (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=30, help="(default: %(default)s)")
     p.add_argument("--torch-threads", type=int, default=2, help="(default: %(default)s)")
     p.add_argument("--keep-large-allocations", action="store_true", help="as the replica does at start")
@@ -79,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.what == "decode":
         for name, ms in decode_ms(max(1, a.repeats // 6)).items():
             print(f"{name}: {ms:.3f} ms per 32x32 JPEG")
+        return 0
+    if a.what == "lanes":
+        for how, rate in lanes_img_per_s(a.batch_size, hog=a.hog).items():
+            print(f"{how}: {rate:.0f} img/s at batch {a.batch_size}{' (with a hog beside it)' if a.hog else ''}")
         return 0
     torch.set_num_threads(a.torch_threads)
     if a.keep_large_allocations:

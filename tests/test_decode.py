@@ -386,7 +386,7 @@ def test_sniff_format_of_pillow_output(fmt):
 @pytest.mark.parametrize(
     "data",
     [
-        b"II*\x00" + b"\x00" * 50,  # TIFF header, nothing behind it: Pillow "cannot identify image file <_io.BytesIO ...>"
+        b"II*\x00" + b"\x00" * 50,  # a TIFF header alone: Pillow says "cannot identify image file <_io.BytesIO ...>"
         b"MM\x00*" + bytes(range(256)),
         b"\x89PNG\r\n\x1a\n" + b"x" * 20,
         b"GIF89a" + b"\x00" * 3,

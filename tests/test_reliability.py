@@ -377,48 +377,54 @@ def statuses(samples) -> Counter:
     return Counter(s.status for s in samples)
 
 
+def overload_figures(url, bodies, headers, multiple: float, capacity: float, p99_cap: float, seconds: float) -> dict:
+    """Open loop at `multiple` x capacity; what was answered how, and how fast."""
+    samples = open_loop(url, bodies, headers, rate=multiple * capacity, seconds=seconds, timeout_s=30)
+    ok = [s.latency_s for s in samples if s.status == 200]
+    refused = [s for s in samples if s.status == 503]
+    end = max(s.start_s + s.latency_s for s in samples)
+    return {
+        "multiple": multiple,
+        "rate_rps": round(multiple * capacity, 1),
+        "statuses": dict(statuses(samples)),
+        "goodput_rps": round(len(ok) / end, 1),
+        "goodput_over_capacity": round(len(ok) / end / capacity, 2),
+        "p99_accepted_ms": round(percentile(ok, 99) * 1000, 1),
+        "p99_accepted_over_p99_at_capacity": round(percentile(ok, 99) / p99_cap, 2),
+        "p99_refused_ms": round(percentile([s.latency_s for s in refused], 99) * 1000, 1),
+        "refusals_json": all(s.body[:1] == b"{" for s in refused),
+    }
+
+
 @pytest.mark.slow
-def test_overload_at_four_times_capacity(fresh_service):
-    """Open loop at 4x measured capacity: accepted requests stay fast, the rest are refused fast."""
+def test_overload_at_two_four_and_eight_times_capacity(fresh_service):
+    """Open loop at 2x, 4x, 8x capacity: accepted requests stay fast, the rest are refused fast.
+
+    Capacity and its p99 come from 32 closed-loop clients (one image per request). Targets
+    (issue 15): accepted p99 <= 2x the at-capacity p99, refusals p99 < 100 ms, goodput >= 90% of
+    capacity, nothing unanswered after 30 s. The load generator shares the 2-core machine."""
     svc = fresh_service()
     url = svc.base + "/v1/classify?top_k=1"
     headers = {"Content-Type": "image/jpeg", **AUTH}
     bodies = fixture_jpegs()
     closed_loop(url, bodies, headers, concurrency=32, seconds=3)  # warm-up
-    samples, elapsed = closed_loop(url, bodies, headers, concurrency=64, seconds=8)
+    samples, elapsed = closed_loop(url, bodies, headers, concurrency=32, seconds=10)
     assert set(statuses(samples)) == {200}, summarize(samples)
     capacity = len(samples) / elapsed
-
-    at_capacity = open_loop(url, bodies, headers, rate=capacity, seconds=10)
-    ok_cap = [s.latency_s for s in at_capacity if s.status == 200]
-    p99_cap = percentile(ok_cap, 99)
-
-    overload = open_loop(url, bodies, headers, rate=4 * capacity, seconds=15, timeout_s=30)
-    ok = [s.latency_s for s in overload if s.status == 200]
-    refused = [s for s in overload if s.status == 503]
-    p99_ok, p99_refused = percentile(ok, 99), percentile([s.latency_s for s in refused], 99)
-    figures = {
-        "capacity_rps": round(capacity, 1),
-        "at_capacity": summarize(at_capacity),
-        "overload_rate_rps": round(4 * capacity, 1),
-        "overload": summarize(overload),
-        "accepted_rps": round(len(ok) / max(s.start_s + s.latency_s for s in overload), 1),
-        "p99_at_capacity_ms": round(p99_cap * 1000, 1),
-        "p99_accepted_overload_ms": round(p99_ok * 1000, 1),
-        "p95_refused_ms": round(percentile([s.latency_s for s in refused], 95) * 1000, 1),
-        "p99_refused_ms": round(p99_refused * 1000, 1),
-        "refusal_codes": dict(Counter(json.loads(s.body)["error"]["code"] for s in refused if s.body[:1] == b"{")),
-    }
+    p99_cap = percentile([s.latency_s for s in samples], 99)
+    runs = []
+    for multiple in (2, 4, 8):
+        time.sleep(2)  # let the queue drain between runs
+        runs.append(overload_figures(url, bodies, headers, multiple, capacity, p99_cap, seconds=10))
+    figures = {"capacity_rps": round(capacity, 1), "p99_at_capacity_ms": round(p99_cap * 1000, 1), "runs": runs}
     record("overload", figures)
-    assert set(statuses(overload)) <= {200, 503}, figures  # nothing hangs, times out or fails otherwise
-    assert refused, "4x capacity should be refused in part"
-    assert all(s.body[:1] == b"{" for s in refused), "503s should be convserve's JSON, not Ray's text"
-    assert len(ok) >= 0.5 * capacity * 15, "the service should keep serving near capacity"
-    assert p99_ok <= 2 * p99_cap, figures
-    # Refusals are fast: 95% within 100 ms, all within 1 s. The tail is CPU contention on a 2-core
-    # machine shared by the load generator, HAProxy and the replica (docs/reliability.md).
-    assert percentile([s.latency_s for s in refused], 95) <= 0.100, figures
-    assert max(s.latency_s for s in refused) <= 1.0, figures
+    for run in runs:
+        assert set(run["statuses"]) <= {200, 503}, figures  # nothing hangs, times out or fails otherwise
+        assert run["statuses"].get(503), f"{run['multiple']}x capacity should be refused in part: {figures}"
+        assert run["refusals_json"], "503s should be convserve's JSON, not Ray's text"
+        assert run["p99_accepted_over_p99_at_capacity"] <= 2.0, figures
+        assert run["p99_refused_ms"] < 100, figures
+        assert run["goodput_over_capacity"] >= 0.9, figures
     assert_healthy_with_auth(svc)
 
 
@@ -583,7 +589,7 @@ def small_queue_serve_config(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_ray_timeout_and_backpressure_answers_are_text(fresh_service, tmp_path):
     """What Ray itself answers in HAProxy mode, documented in docs/reliability.md: not our JSON."""
-    svc = fresh_service(CONVSERVE_QUEUE_DEADLINE_S="0")
+    svc = fresh_service(CONVSERVE_ADMISSION_BATCHES="0")
     body, content_type = _multipart([big_jpeg(i) for i in range(64)])
     # A client may set its own, shorter timeout (Ray honours x-request-timeout-seconds); the
     # replica's own deadline (request_timeout_s 30 s less 1 s) is far off, so Ray answers.
@@ -608,7 +614,7 @@ def test_ray_timeout_and_backpressure_answers_are_text(fresh_service, tmp_path):
     )
     svc.stop()
 
-    small = fresh_service("--serve-config", str(small_queue_serve_config(tmp_path)), CONVSERVE_QUEUE_DEADLINE_S="0")
+    small = fresh_service("--serve-config", str(small_queue_serve_config(tmp_path)), CONVSERVE_ADMISSION_BATCHES="0")
     with ThreadPoolExecutor(12) as pool:
         answers = list(pool.map(lambda _: classify(small, body, content_type), range(12)))
     refused = [r for r in answers if r.status_code == 503]
@@ -629,7 +635,7 @@ def test_ray_timeout_and_backpressure_answers_are_text(fresh_service, tmp_path):
 def test_request_timeout_is_a_json_504_before_the_ingress_cuts_in(fresh_service):
     """The replica answers 504 `timeout` (JSON) request_timeout_s - 1 s after a request starts, so
     clients see our error rather than the ingress's bare 408; the dropped work is not computed."""
-    svc = fresh_service(CONVSERVE_REQUEST_TIMEOUT_S="3", CONVSERVE_QUEUE_DEADLINE_S="0")
+    svc = fresh_service(CONVSERVE_REQUEST_TIMEOUT_S="3", CONVSERVE_ADMISSION_BATCHES="0")
     body, content_type = _multipart([big_jpeg(i) for i in range(64)])
 
     def send(_):
