@@ -11,6 +11,7 @@ the receptive field; how far it moves between neighbouring units is the stride.
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from dataclasses import asdict, dataclass
 
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 
 from model.net import STAGES, ConvServeNet
+
+log = logging.getLogger(__name__)
 
 _ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
@@ -168,7 +171,14 @@ def describe_layers(model: nn.Module, input_size: int, names: list[str] | None =
             for _ in range(4):  # grow the probe until the receptive field fits inside it
                 try:
                     stride, rf, clipped = _geometry(lin, name, size)
-                except RuntimeError:
+                except RuntimeError as e:
+                    if size == input_size:  # not even at the input size: nothing to report
+                        raise ValueError(f"cannot derive stride and receptive field of layer {name!r}: {e}") from e
+                    # A larger probe does not fit the network: what was seen so far is clipped by
+                    # the image border (the stride too, once both ends are), so both are unknown
+                    # (null in /v1/model) rather than a clipped guess.
+                    log.warning("layer %r: receptive field wider than the %d px probes that fit; unknown", name, size)
+                    stride = rf = None
                     break
                 if not clipped:
                     break

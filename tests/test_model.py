@@ -568,3 +568,21 @@ def test_evaluate_cli_matches_in_process(shipped_accuracy):
     assert match, last
     assert match.group(1) == f"{shipped_accuracy:.4f}"
     assert "on 200 images" in result.stdout
+
+
+class _FixedSizeNet(torch.nn.Module):
+    """A conv whose field (41 px) is wider than a 32 px image, then a head that only takes 32 x 32
+    inputs: the larger probe describe_layers needs to see the whole field cannot run."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Conv2d(3, 2, 41, padding=20)
+        self.head = torch.nn.Linear(2 * 32 * 32, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def test_a_receptive_field_no_probe_can_show_is_unknown_not_a_clipped_guess():
+    (info,) = describe_layers(_FixedSizeNet(), 32, ["features"])
+    assert info.stride is None and info.receptive_field is None  # not the 32 px the image clipped it to
