@@ -7,7 +7,8 @@ Both answer on their own, with convserve's JSON error body, before a request bod
   must carry `Authorization: Bearer <token>`; otherwise 401 `unauthorized` with
   `WWW-Authenticate: Bearer`. `/healthz`, `/readyz`, `/docs`, `/openapi.json` stay open.
 - `OverloadGuard`: admission control for the inference routes. A request is admitted while fewer
-  than `admission_batches x max_batch_size` requests are in the replica (4 x 32 = 128 by default),
+  than `admission_batches x max_batch_size` requests are in the replica (4 x 32 = 128 by default;
+  at least 64 whatever the batch size),
   so an admitted request waits about `admission_batches` batch durations at most, whatever the
   device. Beyond that it is answered at once with 503 `overloaded` and `Retry-After: 1`, so that
   past capacity latency stays bounded and refusals are fast, instead of every request waiting in
@@ -70,6 +71,11 @@ class AdmissionGate:
     holds at most N requests, so with N <= the limit nobody is refused.
     """
 
+    # Whatever the batch size, this many requests are admitted (if the cap allows): with tiny
+    # batches (max_batch_size 1, batching off) a limit of a few batches refused an ordinary
+    # closed loop of 32 clients into a retry storm (22,246 refusals in 10 s).
+    FLOOR = 64
+
     def __init__(self, max_batch_size: int, batches: float, cap: int):
         self.cap = max(1, cap)
         self.batches = batches
@@ -78,7 +84,7 @@ class AdmissionGate:
 
     @property
     def limit(self) -> int:
-        return max(1, min(self.cap, math.ceil(self.batches * self.max_batch_size)))
+        return max(1, min(self.cap, max(self.FLOOR, math.ceil(self.batches * self.max_batch_size))))
 
     def resize(self, max_batch_size: int) -> None:
         """A new max_batch_size (live reconfigure): the limit follows it."""

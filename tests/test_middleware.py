@@ -129,9 +129,10 @@ def test_gate_limit_follows_a_live_batch_size_change_and_is_capped():
     gate = AdmissionGate(max_batch_size=32, batches=2.5, cap=100)
     assert gate.limit == 80
     gate.resize(8)
-    assert gate.limit == 20
+    assert gate.limit == AdmissionGate.FLOOR == 64  # 20 would refuse an ordinary closed loop of 32
     gate.resize(64)
     assert gate.limit == 100  # capped below max_ongoing_requests
+    assert AdmissionGate(max_batch_size=1, batches=4, cap=30).limit == 30  # the cap wins over the floor
 
 
 def guard(gate: AdmissionGate | None) -> OverloadGuard:

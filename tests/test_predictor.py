@@ -285,3 +285,19 @@ def test_default_warmup_sizes(max_batch_size, sizes):
 
 def test_every_batch_size_is_warmed_where_kernels_are_chosen_per_shape():
     assert default_warmup_sizes(5, every_size=True) == [1, 2, 3, 4, 5]
+
+
+def test_passes_side_by_side_keep_their_own_feature_maps(predictor, tiny_bundle, images):
+    """Two lanes run the same model at once (service/lanes.py): each pass gets the maps of its own
+    images and layers, never the other thread's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [info.name for info in tiny_bundle.layers if len(info.shape) == 3]
+    jobs = [(images[i % len(images)], (names[i % len(names)],)) for i in range(24)]
+    want = [_single(predictor, WorkItem(img, top_k=3, layers=layers)) for img, layers in jobs]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda job: _single(predictor, WorkItem(job[0], top_k=3, layers=job[1])), jobs))
+    for g, w, (_, layers) in zip(got, want, jobs, strict=True):
+        assert set(g.feature_maps) == set(layers)
+        _assert_same_predictions(g, w)
+        _assert_same_maps(g, w)
