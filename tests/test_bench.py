@@ -39,6 +39,11 @@ def test_bench_quick_writes_results(tmp_path):
     assert offline["images_per_s"] == pytest.approx(best)
     rows = results["served"]["batching_on"]
     assert [r["concurrency"] for r in rows] == [1, 8]
+    # concurrency 1: three served runs, each after an offline single-image pass of the same minute
+    assert len(rows[0]["p50_ms_passes"]) == 3 and len(rows[0]["offline_single_passes_ms"]) == 3
+    assert results["targets"]["p50_c1_minus_offline_single_ms"] == pytest.approx(
+        rows[0]["p50_ms"] - rows[0]["offline_single_p50_ms"], abs=0.01
+    )
     assert all(r["requests"] > 0 and r["images_per_s"] > 0 for r in rows)
     assert results["targets"]["errors"] == 0
     assert "served_over_offline" in results["targets"]
