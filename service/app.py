@@ -220,7 +220,7 @@ class ConvServe:
             tensor = self.bundle.preprocess(image)
         except ApiError as e:
             return ItemError(e.code, e.message, e.status)
-        self.metrics.preprocess_seconds.observe(time.perf_counter() - start)
+        self.metrics.observe_preprocess(time.perf_counter() - start)
         return WorkItem(image=tensor, top_k=top_k, layers=layers, enqueued_at=time.perf_counter())
 
     async def _prepare_all(
@@ -284,7 +284,7 @@ class ConvServe:
 
     async def _images(self, request: Request, endpoint: str) -> ImageRequest:
         req = await read_images(request, self.config.limits)
-        self.metrics.images_total.inc(len(req.images), tags={"endpoint": endpoint})
+        self.metrics.count_images(endpoint, len(req.images))
         return req
 
     # --- routes -------------------------------------------------------------------------
