@@ -65,3 +65,13 @@ def test_on_every_lane_runs_once_on_each_lane_with_the_given_threads():
     seen = lanes.on_every_lane(lambda: (threading.current_thread().name, torch.get_num_threads()), threads=1)
     assert sorted(seen) == [("forward_0", 1), ("forward_1", 1)]
     lanes.shutdown()
+
+
+def test_lanes_run_below_the_callers_priority():
+    import os
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    lanes = ForwardLanes(2, torch_threads=2)
+    nice = lanes.on_every_lane(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), threads=1)
+    assert nice == [min(19, base + 4)] * 2
+    lanes.shutdown()
