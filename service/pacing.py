@@ -10,10 +10,10 @@ to lose throughput:
   waits while the event loop answers 32 requests and only then dispatches the next batch: on a
   2-core machine that left about a quarter of the CPU idle at 32 connections.
 
-So requests wait at a gate (`wait_turn`) while the forward thread is busy for longer than
-`lead_s`; the gate opens `lead_s` before the running batch is predicted to finish. Everything
-that arrived meanwhile then forms the next batch at once, and that batch is already queued in the
-worker pool (Ray's `max_concurrent_batches=2`) when the running one ends. Forward durations are
+So requests wait at a gate (`wait_turn`) while every forward lane (service/lanes.py) is busy for
+longer than `lead_s`; the gate opens `lead_s` before the first running batch is predicted to
+finish. Everything that arrived meanwhile then forms the next batch at once, and that batch is
+already queued for the lanes when a lane frees up. While a lane is free the gate stays open. Forward durations are
 predicted per batch size from the warm-up, then from what was measured (an exponential average).
 
 Pure asyncio: no Ray, no torch. All methods run on the event loop.

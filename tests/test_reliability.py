@@ -7,7 +7,7 @@ against /openapi.json, listening sockets, start-up preflight, and last (it stops
 service) graceful shutdown with requests in flight.
 
 Slow tests (`make test-all`, or `pytest -m slow tests/test_reliability.py`), each on a service of
-its own: overload at four times capacity, a soak (SOAK_SECONDS, default 20; 600 for the
+its own: overload at 2x, 4x and 8x capacity, a soak (SOAK_SECONDS, default 20; 600 for the
 10-minute run), and the replica actor killed under load. Their figures are printed and written
 to runs/reliability/<test>.json.
 """
