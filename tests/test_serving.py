@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -94,6 +95,11 @@ def test_classify_raw_jpeg(service, model_info):
     assert [p["score"] for p in preds] == sorted((p["score"] for p in preds), reverse=True)
     assert all(model_info["labels"][p["index"]] == p["label"] for p in preds)
     assert int(resp.headers["x-batch-size"]) >= 1
+    # Server-Timing: ms waiting for the batch, in the forward pass, in the replica in all
+    timing = dict(re.findall(r"(\w+);dur=([0-9.]+)", resp.headers["server-timing"]))
+    assert set(timing) == {"queue", "inference", "total"}
+    queue, inference, total = (float(timing[k]) for k in ("queue", "inference", "total"))
+    assert inference > 0 and queue >= 0 and total >= queue + inference
 
 
 def test_default_top_k_is_5_and_all_classes_allowed(service, model_info):
