@@ -326,6 +326,24 @@ def big_jpeg(seed: int) -> bytes:
     return encode(small.resize((640, 480), Image.BILINEAR), "JPEG", quality=90)
 
 
+def test_a_burst_past_the_admission_limit_is_refused_fast_with_json_503(service):
+    """The short variant of the slow overload test (seconds): 300 requests at once against an
+    admission limit of 128 in the replica. The excess is refused at once with our JSON 503 and
+    Retry-After; the rest are served; nothing else happens, and the service serves right after."""
+    url = service.base + "/v1/classify?top_k=1"
+    headers = {"Content-Type": "image/jpeg", **AUTH}
+    samples = open_loop(url, fixture_jpegs(), headers, rate=3000, seconds=0.1, timeout_s=30)
+    counts = statuses(samples)
+    refused = [s for s in samples if s.status == 503]
+    figures = {"statuses": dict(counts), "p99_refused_ms": round(percentile([s.latency_s for s in refused], 99) * 1000)}
+    record("admission_burst", figures)
+    assert set(counts) == {200, 503}, figures
+    assert counts[200] >= 128, figures  # the limit's worth is admitted and answered
+    assert all(json.loads(s.body)["error"]["code"] == "overloaded" for s in refused), figures
+    assert max(s.latency_s for s in refused) < max(s.latency_s for s in samples if s.status == 200), figures
+    assert_healthy_with_auth(service)
+
+
 def test_sigterm_lets_in_flight_requests_finish(service):
     body, content_type = _multipart([big_jpeg(i) for i in range(64)])
     assert len(body) < 8 * 1024 * 1024
