@@ -4,8 +4,13 @@
 precedence): the defaults below, the application `args` of the Serve config file
 (deploy/serve_config.yaml), and environment variables named `CONVSERVE_<FIELD>` (for example
 `CONVSERVE_BUNDLE_PATH`, `CONVSERVE_MAX_BATCH_SIZE`). Batching is also live-tunable through the
-deployment's `user_config`. Replica options (replicas, autoscaling, CPUs/GPUs per replica,
-max_ongoing_requests, max_queued_requests) are Ray Serve's and live in the Serve config file's
+deployment's `user_config`, and for batching that is the one rule: the replica applies
+`user_config` last (`ConvServe.reconfigure`), so it wins over the args and the environment.
+`make serve` builds that `user_config` from the file's, with CONVSERVE_MAX_BATCH_SIZE /
+CONVSERVE_BATCH_WAIT_TIMEOUT_S applied, so there the variables take effect; under `serve deploy`
+or KubeRay, change `user_config` in the Serve config (the variables do not override it).
+Replica options (replicas, autoscaling, CPUs/GPUs per replica, max_ongoing_requests,
+max_queued_requests) are Ray Serve's and live in the Serve config file's
 `deployments` section, validated by Ray's own schema (see service/serve_config.py).
 Units are in the names.
 """
