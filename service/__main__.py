@@ -95,7 +95,7 @@ def _cleanup(session_id: int, serve_port: int) -> None:
 def _relay(stream, log_path: str, verbose: bool) -> None:
     """Everything the server prints goes to the log file; only convserve's own lines (its stages,
     errors it explains) reach the terminal, unless verbose."""
-    with open(log_path, "ab") as log:
+    with open(log_path, "wb") as log:  # this run's log only
         for line in iter(stream.readline, b""):
             log.write(line)
             log.flush()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -65,6 +67,13 @@ def test_sigterm_to_process_group_then_restart_then_sigint():
     assert again.stop(signal.SIGINT) == 0, again.log_tail()
     assert _leftovers(again, before) == []
     assert "convserve: stopped" in again.log_text()
+    # The terminal gets convserve's own lines, one per stage; Ray's and HAProxy's go to a file.
+    shown = again.log_text().splitlines()
+    assert shown and all(line.startswith("convserve: ") for line in shown), shown
+    for stage in ("starting", "model ", "environment:", "Ray started", "ready on "):
+        assert any(line.startswith(f"convserve: {stage}") for line in shown), stage
+    ray_log = Path(re.search(r"logs: (\S+service\.log)", shown[0]).group(1))
+    assert "ServeController" in ray_log.read_text(errors="replace")
 
 
 def test_port_in_use_is_reported_not_obscure():
