@@ -4,10 +4,11 @@ Why not one forward thread with all of torch's threads? An intra-op team of N th
 barrier after every layer, so when anything else takes one of its cores (the replica's event
 loop decoding the next requests, HAProxy, the load generator, Ray's own processes: Ray runs
 replicas at nice 15, below all of them) every thread of the team waits for that one. Measured
-on the 2-core machine (`python -m loadtests.microbench lanes`): the embedded model's forward
-pass at batch 16 did 198 img/s with one 2-thread team and 204 with two 1-thread lanes; with a
-process next to it taking about a third of one core, the team fell to 130 img/s and the lanes
-kept 189. A lane on one thread has no barrier to wait at.
+on the 2-core machine (`python -m loadtests.microbench lanes [--hog]`, two runs each): the
+embedded model's forward pass at batch 16 did 208 and 199 img/s with one 2-thread team, 227 and
+220 with two 1-thread lanes; with a process next to it taking about a third of one core, the team
+fell to 139 and 133 img/s and the lanes kept 190 and 192. A lane on one thread has no barrier to
+wait at.
 
 A batch that starts while no other batch is computing gets all `torch_threads` (a single request
 on an idle replica is served as fast as the offline single-image pass); batches that overlap get
