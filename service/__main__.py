@@ -100,8 +100,11 @@ def _relay(stream, log_path: str, verbose: bool) -> None:
             log.write(line)
             log.flush()
             if verbose or line.startswith(b"convserve:"):
-                sys.stdout.buffer.write(line)
-                sys.stdout.flush()
+                try:
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.flush()
+                except OSError:  # the terminal went away: keep draining the pipe into the file
+                    verbose = False
 
 
 def main(argv: list[str] | None = None) -> int:

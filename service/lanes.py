@@ -80,11 +80,6 @@ class ForwardLanes:
         for worker in self._workers:
             worker.start()
 
-    def threads_for_next(self) -> int:
-        """Threads a batch starting now would get."""
-        with self._lock:
-            return self.torch_threads if self._running == 0 else self.shared_threads
-
     def submit(self, fn: Callable[..., T], *args) -> Future[T]:
         """Run `fn(*args)` on a free lane (or the first to free up), on its share of the threads."""
         return self._submit(fn, args, None)

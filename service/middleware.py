@@ -8,13 +8,12 @@ Both answer on their own, with convserve's JSON error body, before a request bod
   `WWW-Authenticate: Bearer`. `/healthz`, `/readyz`, `/docs`, `/openapi.json` stay open.
 - `OverloadGuard`: admission control for the inference routes. A request is admitted while fewer
   than `admission_batches x max_batch_size` requests are in the replica (4 x 32 = 128 by default;
-  at least 64 whatever the batch size),
-  so an admitted request waits about `admission_batches` batch durations at most, whatever the
-  device. Beyond that it is answered at once with 503 `overloaded` and `Retry-After: 1`, so that
-  past capacity latency stays bounded and refusals are fast, instead of every request waiting in
-  a queue that only grows. The count stays a little below the deployment's
-  `max_ongoing_requests` (240 of 256), so that requests do not wait in Ray's own queue, where
-  this guard cannot see them.
+  at least 64 whatever the batch size), so an admitted request waits about `admission_batches`
+  batch durations at most, whatever the device. Beyond that it is answered at once with 503
+  `overloaded` and `Retry-After: 1`, so that past capacity latency stays bounded and refusals are
+  fast, instead of every request waiting in a queue that only grows. The count stays a little
+  below the deployment's `max_ongoing_requests` (240 of 256), so that requests do not wait in
+  Ray's own queue, where this guard cannot see them.
 
 Both are installed on the FastAPI app at import (`install(api)`) and configured from the
 replica's ServeConfig in `ConvServe.__init__` (`configure(config)`); unconfigured, they pass
