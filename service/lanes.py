@@ -21,6 +21,7 @@ Pure threads and torch: no Ray, no asyncio.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import queue
 import threading
@@ -31,6 +32,7 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 # Lanes run below the replica's event loop: the loop answers, decodes, refuses and feeds the next
@@ -47,7 +49,8 @@ def lower_priority(increment: int) -> int | None:
         nice = min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment)
         os.setpriority(os.PRIO_PROCESS, tid, nice)
         return nice
-    except (OSError, AttributeError):  # not Linux-like: the lanes run at the loop's priority
+    except (OSError, AttributeError) as e:  # not Linux-like: the lanes run at the loop's priority
+        log.warning("forward lanes keep the event loop's priority: cannot lower it (%s)", e)
         return None
 
 

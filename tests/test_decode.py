@@ -419,3 +419,16 @@ def test_tiff_pixel_limit_is_checked_before_decoding():
     with pytest.raises(ApiError) as e:
         decode_image_bytes(buf.getvalue(), 9_999)
     assert e.value.status == 413
+
+
+def test_a_jpeg_that_takes_the_pillow_fallback_is_counted_and_logged_once(caplog, real_jpeg):
+    import service.decode
+
+    truncated = real_jpeg[: len(real_jpeg) * 2 // 3]  # libjpeg-turbo warns "premature end": Pillow decides
+    service.decode.FALLBACKS.clear()
+    with caplog.at_level("WARNING", logger="service.decode"):
+        for _ in range(3):
+            with pytest.raises(ApiError):
+                decode(truncated)
+    assert sum(service.decode.FALLBACKS.values()) == 3
+    assert len([r for r in caplog.records if "fell back to Pillow" in r.message]) == 1
