@@ -64,8 +64,9 @@ def default_lanes(device_type: str, torch_threads: int) -> int:
 class ForwardLanes:
     """`lanes` worker threads; a batch goes to the lane that went idle last (a stack, not a queue),
     so that at low load one lane, its OpenMP team and its caches stay warm instead of the lanes
-    taking turns (measured offline, batch 1 with 5 ms gaps: 14.8 and 18.6 ms taking turns against
-    12.9 and 14.1 ms on one lane). Batches that find every lane busy wait in order."""
+    taking turns (measured by hand offline, batch 1 with 5 ms gaps, one run each on a noisy
+    machine: 14.8 and 18.6 ms taking turns against 12.9 and 14.1 ms on one lane).
+    Batches that find every lane busy wait in order."""
 
     def __init__(self, lanes: int, torch_threads: int):
         self.lanes = max(1, lanes)
