@@ -107,23 +107,13 @@ def _relay(stream, log_path: str, verbose: bool) -> None:
                     verbose = False
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    config = config_from_args(parse_args(argv))
-    preflight([config.port, config.metrics_export_port], config.port)
+def supervise(command: list[str], log_path: str, verbose: bool, grace_s: float = STOP_GRACE_S) -> tuple[int, bool, int]:
+    """Run `command` in a session of its own, relaying its output; on SIGINT, SIGTERM or SIGHUP ask
+    it to stop (SIGTERM), and kill it if it is still running `grace_s` later.
 
-    args = parse_args(argv)
-    log_path = os.path.join(runtime_dir(config.port), "service.log")
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    shown = "" if args.verbose else "; --verbose shows them here"
-    print(f"convserve: starting (Ray's and HAProxy's logs: {log_path}{shown})", flush=True)
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "service.server", *argv],
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    relay = threading.Thread(target=_relay, args=(driver.stdout, log_path, args.verbose), daemon=True)
+    (exit code, whether a stop was asked for, the child's pid = its session id)."""
+    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    relay = threading.Thread(target=_relay, args=(driver.stdout, log_path, verbose), daemon=True)
     relay.start()
     stopping = {"at": None}
 
@@ -140,15 +130,30 @@ def main(argv: list[str] | None = None) -> int:
             rc = driver.wait(timeout=0.5)
             break
         except subprocess.TimeoutExpired:
-            if stopping["at"] is not None and time.monotonic() - stopping["at"] > STOP_GRACE_S:
+            if stopping["at"] is not None and time.monotonic() - stopping["at"] > grace_s:
+                print(f"convserve: the server did not stop within {grace_s:g} s; killing it", flush=True)
                 driver.kill()
     relay.join(timeout=5)
-    if rc not in (0, -signal.SIGTERM) and stopping["at"] is None:
+    return rc, stopping["at"] is not None, driver.pid
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    config = config_from_args(parse_args(argv))
+    preflight([config.port, config.metrics_export_port], config.port)
+
+    args = parse_args(argv)
+    log_path = os.path.join(runtime_dir(config.port), "service.log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    shown = "" if args.verbose else "; --verbose shows them here"
+    print(f"convserve: starting (Ray's and HAProxy's logs: {log_path}{shown})", flush=True)
+    rc, stopped, session_id = supervise([sys.executable, "-m", "service.server", *argv], log_path, args.verbose)
+    if rc not in (0, -signal.SIGTERM) and not stopped:
         print(f"convserve: the server exited with {rc}; the end of {log_path}:", flush=True)
         with open(log_path, errors="replace") as f:
             print("".join(f.readlines()[-30:]), end="", flush=True)
-    _cleanup(driver.pid, config.port)
-    return 0 if stopping["at"] is not None and rc in (0, -signal.SIGTERM) else rc
+    _cleanup(session_id, config.port)
+    return 0 if stopped and rc in (0, -signal.SIGTERM) else rc
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import collections
 import io
 import logging
 import re
+import struct
 import warnings
 
 import numpy as np
@@ -112,6 +113,23 @@ def cannot_decode(fmt: str | None, reason: str = "") -> ApiError:
     )
 
 
+# What Pillow raises for a corrupt, truncated or hostile file: the exceptions its own fuzz tests
+# accept (Pillow's Tests/test_fuzzers.py), plus EOFError and struct.error from truncated headers.
+# Any other exception while decoding, and any exception in our conversion to a tensor, is a bug of
+# ours, not a bad image: it propagates, and the serving layer answers 500 `internal_error` and logs
+# the traceback (service/app.py, ConvServe._prepare).
+BAD_IMAGE_ERRORS = (
+    OSError,  # UnidentifiedImageError is one
+    SyntaxError,
+    ValueError,
+    NotImplementedError,
+    OverflowError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
+)
+
+
 def _decode_with_pillow(data: bytes, max_pixels: int) -> torch.Tensor:
     fmt = sniff_format(data)
     try:
@@ -120,13 +138,11 @@ def _decode_with_pillow(data: bytes, max_pixels: int) -> torch.Tensor:
             img.seek(0)  # first frame of an animation or first page of a multi-page file
             img = ImageOps.exif_transpose(img)
             img.load()
-            return _pil_to_tensor(img)
     except ApiError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-        raise cannot_decode(fmt, str(e)) from None
-    except Exception:  # noqa: BLE001 - Pillow raises a zoo of exceptions on hostile input
-        raise cannot_decode(fmt) from None
+    except BAD_IMAGE_ERRORS as e:
+        raise cannot_decode(fmt, "" if isinstance(e, UnidentifiedImageError) else str(e)) from None
+    return _pil_to_tensor(img)  # the pixels are loaded: an error from here on is ours
 
 
 def decode_image_bytes(data: bytes, max_pixels: int) -> torch.Tensor:

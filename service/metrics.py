@@ -18,6 +18,8 @@ import collections
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from service.decode import FALLBACKS
+
 FLUSH_S = 0.5  # how long recorded values wait before they are handed to Ray's metrics
 
 # 0.5 ms to 10 s, roughly x2 per bucket.
@@ -77,6 +79,12 @@ class ServiceMetrics:
             "convserve_gpu_memory_allocated_bytes",
             description="GPU memory held by this replica's tensors (0 on CPU replicas).",
         )
+        self.decode_fallbacks_total = Counter(
+            "convserve_decode_fallbacks_total",
+            description="JPEGs that libjpeg-turbo declined and Pillow decoded instead (slower), by exception class.",
+            tag_keys=("reason",),
+        )
+        self._fallbacks_flushed: collections.Counter[str] = collections.Counter()
         self._inflight = 0
         self._answers: collections.Counter[tuple[str, str]] = collections.Counter()
         self._images: collections.Counter[str] = collections.Counter()
@@ -140,6 +148,9 @@ class ServiceMetrics:
             self.inference_seconds.observe(inference_s)
             for wait in waits:
                 self.queue_wait_seconds.observe(wait)
+        for reason, n in (FALLBACKS - self._fallbacks_flushed).items():
+            self.decode_fallbacks_total.inc(n, tags={"reason": reason})
+        self._fallbacks_flushed = FALLBACKS.copy()
         self.inflight_requests.set(self._inflight)
         if self.device == "cuda":
             import torch

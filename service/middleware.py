@@ -151,6 +151,11 @@ def resize_admission(max_batch_size: int) -> None:
         SETTINGS.gate.resize(max_batch_size)
 
 
+def admission_limit() -> int | None:
+    """Requests admitted into this replica at once now (None: admission control off)."""
+    return SETTINGS.gate.limit if SETTINGS.gate is not None else None
+
+
 def replica_max_ongoing_requests() -> int:
     """The deployment's `max_ongoing_requests`, read from the running replica's config.
 

@@ -16,7 +16,6 @@ import pytest
 import requests
 import yaml
 
-from model import DEFAULT_BUNDLE
 from service.serve_config import DEFAULT_SERVE_CONFIG, deployment_entry
 from tests.server_process import ServiceProcess
 
@@ -60,8 +59,6 @@ def wait_until(predicate, timeout_s: float, every_s: float = 1.0) -> bool:
 
 
 def test_replicas_scale_up_under_load_and_down_after(tmp_path):
-    if not (DEFAULT_BUNDLE / "bundle.json").is_file():
-        pytest.skip("embedded bundle not trained yet (make train)")
     import ray
 
     fast_metrics = {  # how often replicas and handles report load to the autoscaler (default 10 s)

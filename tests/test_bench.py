@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from model import DEFAULT_BUNDLE
-
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
 
@@ -19,8 +17,6 @@ pytestmark = pytest.mark.integration
 def test_bench_quick_writes_results(tmp_path):
     if shutil.which("wrk") is None:
         pytest.skip("wrk not installed (apt-get install wrk; .ci/run installs it)")
-    if not (DEFAULT_BUNDLE / "bundle.json").is_file():
-        pytest.skip("embedded bundle not trained yet")
     out = tmp_path / "bench"
     proc = subprocess.run(
         [sys.executable, "-m", "loadtests.bench", "--quick", "--no-compare", "--out", str(out)],
@@ -59,8 +55,6 @@ def test_microbench_decode_reports_both_paths():
 
 
 def test_microbench_threads_times_both_threads():
-    if not (DEFAULT_BUNDLE / "bundle.json").is_file():
-        pytest.skip("embedded bundle not trained yet (make train)")
     from loadtests.microbench import forward_ms
 
     out = forward_ms(repeats=1, worker_first=True)

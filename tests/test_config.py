@@ -216,3 +216,15 @@ def test_command_line_replica_resources_reach_the_deployment_options():
     assert opts["user_config"]["max_batch_size"] >= 1
     default = options_from_args(parse_args([]), config_from_args(parse_args([])))
     assert "autoscaling_config" in default and "num_replicas" not in default
+
+
+def test_the_deployment_version_ignores_only_the_batching_settings():
+    """Same version -> Serve applies a redeploy by reconfigure(), without restarting replicas: right
+    for user_config (batching), wrong for anything the constructor reads (a new token, a bundle)."""
+    from service.app import code_version
+
+    base = ServeConfig.from_env({"auth_token": "a"}, environ={})
+    same = ServeConfig.from_env({"auth_token": "a", "batching": {"max_batch_size": 8}}, environ={})
+    assert code_version(base) == code_version(same)
+    for changed in ({"auth_token": "b"}, {"auth_token": "a", "torch_threads": 1}, {"auth_token": "a", "port": 9}):
+        assert code_version(ServeConfig.from_env(changed, environ={})) != code_version(base), changed

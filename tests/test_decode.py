@@ -432,3 +432,41 @@ def test_a_jpeg_that_takes_the_pillow_fallback_is_counted_and_logged_once(caplog
                 decode(truncated)
     assert sum(service.decode.FALLBACKS.values()) == 3
     assert len([r for r in caplog.records if "fell back to Pillow" in r.message]) == 1
+
+
+def test_a_bug_in_our_conversion_is_not_blamed_on_the_image(monkeypatch):
+    """A bad image is a 400; an exception from our own code after Pillow has read the pixels is
+    not caught as one: it propagates, and the serving layer answers 500 `internal_error`."""
+    import service.decode
+
+    png = encode(smooth(20, 20), "PNG")
+    assert decode(png).shape == (3, 20, 20)
+
+    def broken(_img):
+        raise TypeError("a bug of ours")
+
+    monkeypatch.setattr(service.decode, "_pil_to_tensor", broken)
+    with pytest.raises(TypeError, match="a bug of ours"):
+        decode(png)
+    with pytest.raises(ApiError) as e:  # a corrupt file still fails as the client's problem
+        decode(png[:40])
+    assert e.value.status == 400
+
+
+def test_the_internal_error_handler_answers_json_500_and_logs_the_trace(caplog):
+    import asyncio
+
+    import orjson
+    from starlette.requests import Request
+
+    from service.app import _internal_error
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/classify", "headers": []})
+    try:
+        raise RuntimeError("secret detail at /work/main/service/x.py")
+    except RuntimeError as exc:
+        with caplog.at_level("ERROR", logger="convserve"):
+            resp = asyncio.run(_internal_error(request, exc))
+    assert resp.status_code == 500 and resp.media_type == "application/json"
+    assert orjson.loads(resp.body) == {"error": {"code": "internal_error", "message": "internal server error"}}
+    assert [r for r in caplog.records if r.exc_info and "secret detail" in str(r.exc_info[1])]

@@ -26,7 +26,6 @@ from PIL import Image
 
 from loadtests import checks, make_payloads
 from loadtests.shapes import Spike, Steady, Step, make_shape, parse_timespan
-from model import DEFAULT_BUNDLE
 from tests.server_process import REPO_ROOT, ServiceProcess, free_port_block
 
 PAYLOADS = REPO_ROOT / "loadtests" / "payloads"
@@ -290,14 +289,8 @@ def _listening(port: int) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def need_bundle():
-    if not (DEFAULT_BUNDLE / "bundle.json").is_file():
-        pytest.skip("embedded bundle not trained yet (make train)")
-
-
 @pytest.mark.integration
-def test_loadtest_starts_and_stops_its_own_service(need_bundle, tmp_path):
+def test_loadtest_starts_and_stops_its_own_service(tmp_path):
     """Nothing at --host: run.py starts `python -m service` there, runs a spike, stops it by pid.
 
     Before the tests below, so that its service and theirs never run at the same time.
@@ -318,7 +311,7 @@ def test_loadtest_starts_and_stops_its_own_service(need_bundle, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def service(need_bundle):
+def service():
     svc = ServiceProcess().start()
     yield svc
     svc.stop()

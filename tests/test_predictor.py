@@ -301,3 +301,25 @@ def test_passes_side_by_side_keep_their_own_feature_maps(predictor, tiny_bundle,
         assert set(g.feature_maps) == set(layers)
         _assert_same_predictions(g, w)
         _assert_same_maps(g, w)
+
+
+def test_the_deployment_health_check_fails_once_the_model_gives_no_valid_scores(tmp_path):
+    """ConvServe.check_health, the hook Serve calls every health_check_period_s: it passes on a
+    sound model and raises once the weights hold NaN, after which Serve marks the replica
+    unhealthy and replaces it (Serve's contract; a killed replica being replaced is tested in
+    tests/test_reliability.py). The deployment class itself, without Ray."""
+    import asyncio
+
+    from service.app import ConvServe
+    from tests.conftest import _make_tiny_bundle
+
+    _make_tiny_bundle(tmp_path / "bundle", tta_flip=False)
+    config = {"bundle_path": str(tmp_path / "bundle"), "device": "cpu", "admission_batches": 0}
+    # serve.ingress wraps our class in one with an async constructor; ours is among its bases
+    ours = next(cls for cls in ConvServe.func_or_class.__mro__ if "check_health" in vars(cls))
+    replica = ours({**config, "warmup_batch_sizes": [1]})
+    asyncio.run(replica.check_health())
+    with torch.no_grad():
+        next(replica.predictor.model.parameters()).fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="no valid scores"):
+        asyncio.run(replica.check_health())

@@ -20,6 +20,7 @@ from PIL import Image
 
 from model import DEFAULT_BUNDLE, load_bundle
 from model.evaluate import predict_logits
+from service.config import MAX_BATCH_SIZE_LIMIT
 from tests.server_process import ServiceProcess
 
 pytestmark = pytest.mark.integration
@@ -46,8 +47,6 @@ def reencode(jpeg: bytes, fmt: str, **kwargs) -> bytes:
 
 @pytest.fixture(scope="module")
 def service():
-    if not (DEFAULT_BUNDLE / "bundle.json").is_file():
-        pytest.skip("embedded bundle not trained yet (make train)")
     # A longer batch window than the default so that concurrent test requests reliably share a batch.
     svc = ServiceProcess(env={"CONVSERVE_BATCH_WAIT_TIMEOUT_S": "0.02", "CONVSERVE_MAX_BATCH_SIZE": "16"}).start()
     yield svc
@@ -100,6 +99,16 @@ def test_classify_raw_jpeg(service, model_info):
     assert set(timing) == {"queue", "inference", "total"}
     queue, inference, total = (float(timing[k]) for k in ("queue", "inference", "total"))
     assert inference > 0 and queue >= 0 and total >= queue + inference
+
+
+def test_a_request_alone_does_not_wait_for_company(service):
+    """This service waits 20 ms for a batch to fill (CONVSERVE_BATCH_WAIT_TIMEOUT_S); a request
+    alone in the replica skips the wait: no other request could join its batch in time."""
+    waits_ms = []
+    for _, jpeg in fixture_jpegs(5):
+        resp = classify(service, jpeg, top_k=1)
+        waits_ms.append(float(re.search(r"queue;dur=([0-9.]+)", resp.headers["server-timing"]).group(1)))
+    assert sorted(waits_ms)[2] < 20 / 2, waits_ms  # the median: well under the configured wait
 
 
 def test_default_top_k_is_5_and_all_classes_allowed(service, model_info):
@@ -253,6 +262,8 @@ def test_feature_maps_errors(service):
     two = {"layer": ["stage1", "stage2"], "format": "png"}
     assert_error(requests.post(url, data=jpeg, headers=headers, params=two), 400, "invalid_parameter")
     assert_error(requests.post(url, data=b"junk", headers=headers), 400, "invalid_image")
+    files = [("image", ("a.jpg", jpeg, "image/jpeg")), ("image", ("b.jpg", jpeg, "image/jpeg"))]
+    assert_error(requests.post(url, files=files, timeout=30), 400, "one_image_only")
 
 
 # --- model, health, docs ---------------------------------------------------------------------
@@ -267,6 +278,12 @@ def test_model_health_and_docs(service, model_info, bundle):
     assert requests.get(service.base + "/readyz", timeout=10).status_code == 200
     spec = requests.get(service.base + "/openapi.json", timeout=10).json()
     assert {"/v1/classify", "/v1/feature-maps", "/v1/model", "/healthz", "/readyz"} <= set(spec["paths"])
+    # the request body lists every raw image type the API accepts, so clients and schemathesis send them
+    from service.inputs import RAW_IMAGE_TYPES
+
+    for path in ("/v1/classify", "/v1/feature-maps"):
+        body_types = set(spec["paths"][path]["post"]["requestBody"]["content"])
+        assert body_types == RAW_IMAGE_TYPES | {"multipart/form-data", "application/json"}, body_types
     assert requests.get(service.base + "/docs", timeout=10).status_code == 200
 
 
@@ -302,6 +319,7 @@ def test_served_predictions_equal_offline_evaluation(service, bundle):
         headers={"Content-Type": "application/json"},
         timeout=60,
     ).json()["results"]
+    assert len(served) == len(jpegs) == 29
     for row, result in enumerate(served):
         top = result["predictions"][0]
         assert top["index"] == int(probs[row].argmax())
@@ -357,60 +375,70 @@ def settled_scrape(service, name: str = "ray_convserve_images_total") -> dict:
     return last
 
 
+def ray_histogram_sum(sizes: list[int]) -> float:
+    """What Ray exports as a histogram's `_sum`: not the sum of the values observed, but of the
+    midpoints of the buckets they fell in (ray/_private/telemetry/open_telemetry_metric_recorder.py:
+    "the histogram sum value will be an approximation since we use bucket midpoints"). A batch of
+    one counts 0.5 in the le=1 bucket; this is why 15 images once moved the sum by 9.5."""
+    from service.metrics import batch_size_buckets
+
+    bounds = batch_size_buckets(MAX_BATCH_SIZE_LIMIT)
+    midpoints = [bounds[0] / 2] + [(lo + hi) / 2 for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    return sum(midpoints[next(i for i, b in enumerate(bounds) if size <= b)] for size in sizes)
+
+
 def test_metrics_move_by_the_expected_amounts(service):
     before = settled_scrape(service)
-    images_before = total(before, "ray_convserve_images_total", endpoint="classify")
-    ok_before = total(before, "ray_convserve_requests_total", endpoint="classify", status="200")
-    bad_before = total(before, "ray_convserve_requests_total", endpoint="classify", status="415")
-    invalid_before = total(before, "ray_convserve_requests_total", endpoint="classify", status="400")
-    batches_before = total(before, "ray_convserve_batch_size_count")
-    inference_before = total(before, "ray_convserve_inference_seconds_count")
-    waits_before = total(before, "ray_convserve_queue_wait_seconds_count")
-    multi_before = total(before, "ray_convserve_batch_size_count") - total(
-        before, "ray_convserve_batch_size_bucket", le="1.0"
-    )
-    preprocess_before = total(before, "ray_convserve_preprocess_seconds_count")
+
+    def moved_by(after: dict, name: str, **labels) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
 
     images = fixture_jpegs(8)
-    for _, jpeg in images[:7]:
-        assert classify(service, jpeg).status_code == 200
+    alone = [int(classify(service, jpeg).headers["x-batch-size"]) for _, jpeg in images[:7]]
     assert classify(service, images[0][1], "text/plain").status_code == 415
     bad_param = requests.post(service.base + "/v1/classify?top_k=abc", data=images[0][1], timeout=30)
     assert bad_param.status_code == 400  # answered by the validation handler, before the route
     with ThreadPoolExecutor(8) as pool:
-        sizes = [int(r.headers["x-batch-size"]) for r in pool.map(lambda i: classify(service, i[1]), images)]
-    assert max(sizes) > 1
+        together = [int(r.headers["x-batch-size"]) for r in pool.map(lambda i: classify(service, i[1]), images)]
+    assert alone == [1] * 7 and max(together) > 1, (alone, together)
+    # Nothing else is in flight: each batch of k images answered k of these requests with k.
+    batch_sizes = alone + [k for k in sorted(set(together)) for _ in range(together.count(k) // k)]
+    assert sum(batch_sizes) == 15, together
 
     def moved():
         now = scrape(service)
-        done = total(now, "ray_convserve_images_total", endpoint="classify") >= images_before + 15
-        return now if done and total(now, "ray_convserve_batch_size_count") > 0 else None
+        return (
+            now
+            if total(now, "ray_convserve_images_total", endpoint="classify")
+            >= total(before, "ray_convserve_images_total", endpoint="classify") + 15
+            else None
+        )
 
     assert wait_for(moved), "metrics did not move within 60 s"
     after = settled_scrape(service)
     # 7 + 8 images; the 415 request is refused before its body is read as an image
-    assert total(after, "ray_convserve_images_total", endpoint="classify") == images_before + 15
-    assert total(after, "ray_convserve_requests_total", endpoint="classify", status="200") == ok_before + 15
-    assert total(after, "ray_convserve_requests_total", endpoint="classify", status="415") == bad_before + 1
-    multi_after = total(after, "ray_convserve_batch_size_count") - total(
-        after, "ray_convserve_batch_size_bucket", le="1.0"
-    )
-    assert multi_after > multi_before, "the concurrent requests should show up above the batch-size-1 bucket"
-    assert total(after, "ray_convserve_requests_total", endpoint="classify", status="400") == invalid_before + 1
-    assert total(after, "ray_convserve_preprocess_seconds_count") == preprocess_before + 15
-    # 15 images went through batches, each with one queue wait. (Not the batch sizes' _sum: in one
-    # run it moved 56 -> 65.5 for these 15 images, a fraction no integer batch size gives; unexplained.)
-    assert total(after, "ray_convserve_queue_wait_seconds_count") == waits_before + 15
-    batches = total(after, "ray_convserve_batch_size_count") - batches_before
-    assert 1 <= batches < 15  # some requests shared a batch
+    assert moved_by(after, "ray_convserve_images_total", endpoint="classify") == 15
+    assert moved_by(after, "ray_convserve_requests_total", endpoint="classify", status="200") == 15
+    assert moved_by(after, "ray_convserve_requests_total", endpoint="classify", status="415") == 1
+    assert moved_by(after, "ray_convserve_requests_total", endpoint="classify", status="400") == 1
+    assert moved_by(after, "ray_convserve_preprocess_seconds_count") == 15
+    assert moved_by(after, "ray_convserve_queue_wait_seconds_count") == 15  # one wait per image
+    # the batches, exactly: how many, in which buckets, and the bucket-midpoint sum Ray exports
+    assert moved_by(after, "ray_convserve_batch_size_count") == len(batch_sizes)
+    assert moved_by(after, "ray_convserve_batch_size_bucket", le="1.0") == batch_sizes.count(1)
+    assert moved_by(after, "ray_convserve_batch_size_sum") == pytest.approx(ray_histogram_sum(batch_sizes))
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the service's device "auto"
-    assert total(after, "ray_convserve_inference_seconds_count", device=device) == inference_before + batches
-    assert total(after, "ray_convserve_inflight_requests") == 0  # nothing in progress once answered
+    assert moved_by(after, "ray_convserve_inference_seconds_count", device=device) == len(batch_sizes)
+    # exported, and zero once everything is answered (total() of an absent series would be 0 too)
+    assert "ray_convserve_inflight_requests" in after
+    assert total(after, "ray_convserve_inflight_requests") == 0
 
 
 def test_dashboard_queries_only_exported_metrics(service):
     import re
 
+    _, jpeg = fixture_jpegs(1)[0]
+    assert classify(service, jpeg).status_code == 200  # this test's own traffic, not earlier tests'
     exprs = [t["expr"] for panel in json.loads(DASHBOARD.read_text())["panels"] for t in panel["targets"]]
     queried = {m for e in exprs for m in re.findall(r"\b(ray_[a-z0-9_]+)", e)}
     assert any(m.startswith("ray_convserve_") for m in queried) and any(m.startswith("ray_serve_") for m in queried)
@@ -423,3 +451,93 @@ def test_dashboard_queries_only_exported_metrics(service):
     exported = wait_for(all_there) or scrape(service)
     missing = sorted(m for m in queried - GPU_ONLY_METRICS if m not in exported)
     assert not missing, f"dashboard queries metrics the service does not export: {missing}"
+
+
+def test_a_jpeg_fallback_to_pillow_is_exported_as_a_metric(service):
+    """No silent fallbacks: a JPEG libjpeg-turbo declines is counted in Prometheus by reason."""
+    _, jpeg = fixture_jpegs(1)[0]
+    truncated = jpeg[: len(jpeg) * 2 // 3]  # libjpeg-turbo warns "premature end of data": Pillow decides
+    name = "ray_convserve_decode_fallbacks_total"
+    before = total(scrape(service), name)
+    assert_error(classify(service, truncated), 400, "invalid_image")
+
+    def counted():
+        now = scrape(service)
+        return now if total(now, name) >= before + 1 else None
+
+    after = wait_for(counted)
+    assert after, f"{name} did not move within 60 s"
+    assert {labels["reason"] for labels, value in after[name] if value} == {"RuntimeError"}  # libjpeg-turbo: truncated
+
+
+# --- live tuning: a redeploy that changes only user_config ------------------------------------
+
+
+def test_a_user_config_redeploy_reconfigures_the_running_replica(service, monkeypatch):
+    """Serve's Python API on the running application, from a second driver: the same settings
+    with a new max_batch_size in user_config. The replica is reconfigured, not restarted; the
+    new size shows in X-Batch-Size and /v1/model, the admission limit follows it, and requests
+    sent during the update are all answered."""
+    import threading
+    import time
+
+    import ray
+    from ray import serve
+
+    from service.app import build_app_with_options
+    from service.server import config_from_args, options_from_args, parse_args
+
+    # The service's own settings, built as its driver built them (same env, same arguments).
+    for key, value in service.env.items():
+        if key.startswith("CONVSERVE_"):
+            monkeypatch.setenv(key, value)
+    args = parse_args(service.args)
+    config = config_from_args(args)
+    options = options_from_args(args, config)
+    assert options["user_config"]["max_batch_size"] == 16
+    before = requests.get(service.base + "/v1/model", timeout=10).json()
+    assert before["batching"]["max_batch_size"] == 16 and before["admission_limit"] == 64  # floor 64
+    _, jpeg = fixture_jpegs(1)[0]
+
+    answers: list[int | str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                answers.append(classify(service, jpeg, top_k=1).status_code)
+            except requests.RequestException as e:
+                answers.append(type(e).__name__)
+
+    address = re.search(r"convserve: ray address (\S+)", service.log_text()).group(1)
+    ray.init(address=address, logging_level="ERROR")
+    clients = [threading.Thread(target=client) for _ in range(3)]
+    try:
+        replicas = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]}
+        for c in clients:
+            c.start()
+        time.sleep(1)
+        options["user_config"] = {**options["user_config"], "max_batch_size": 40}
+        serve.run(build_app_with_options(config.model_dump(), options), name="convserve", route_prefix="/")
+        deadline = time.monotonic() + 60
+        while requests.get(service.base + "/v1/model", timeout=10).json()["batching"]["max_batch_size"] != 40:
+            assert time.monotonic() < deadline, "the new max_batch_size never showed in /v1/model"
+            time.sleep(0.5)
+        time.sleep(1)
+        stop.set()
+        for c in clients:
+            c.join(60)
+        after_replicas = {
+            a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]
+        }
+    finally:
+        stop.set()
+        ray.shutdown()
+    assert len(answers) > 5 and set(answers) == {200}, answers  # nothing lost during the update
+    assert after_replicas == replicas  # reconfigured in place, not replaced
+    after = requests.get(service.base + "/v1/model", timeout=10).json()
+    assert after["admission_limit"] == 4 * 40  # admission_batches x the new max_batch_size
+    images = fixture_jpegs(40)
+    with ThreadPoolExecutor(40) as pool:
+        sizes = [int(r.headers["x-batch-size"]) for r in pool.map(lambda i: classify(service, i[1], top_k=1), images)]
+    assert 16 < max(sizes) <= 40, sizes  # batches larger than the old limit, within the new one
