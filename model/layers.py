@@ -1,11 +1,14 @@
-"""Describe a network's named layers: output shape, cumulative stride, receptive field.
+"""Describe a network's named layers: output shape, cumulative stride, receptive field, start offset.
 
 Nothing here is a hand-written table. Shapes come from a forward pass on a dummy input.
 Stride and receptive field come from the modules themselves: a copy of the network is made
 linear and positive (every conv kernel all ones, activations and normalisation removed, max
 pooling replaced by average pooling of the same geometry), so the gradient of one output unit
 with respect to the input is non-zero exactly on the pixels that unit can see. Its extent is
-the receptive field; how far it moves between neighbouring units is the stride.
+the receptive field; how far it moves between neighbouring units is the stride; where the first
+unit's would begin (negative where padding reaches past the border) is the start offset, so that
+unit i of a layer sees input pixels start + i * stride ... start + i * stride + receptive_field - 1,
+clipped to the image.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ class LayerInfo:
     shape: tuple[int, ...]  # (C, H, W) for feature maps, (C,) for vectors
     stride: int | None  # input pixels between neighbouring output units
     receptive_field: int | None  # input pixels (one side) that one output unit sees
+    # Input pixel where unit 0's receptive field starts (negative: padding reaches past the border);
+    # unit i sees pixels start + i * stride .. start + i * stride + receptive_field - 1 (clip to the image).
+    start: int | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -123,8 +129,11 @@ def _support(grad: torch.Tensor) -> tuple[int, int]:
     return int(cols[0]), int(cols[-1])
 
 
-def _geometry(lin: nn.Module, name: str, size: int) -> tuple[int | None, int | None, bool]:
-    """(stride, receptive field, clipped) of layer `name` measured on a size x size input."""
+def _geometry(lin: nn.Module, name: str, size: int) -> tuple[int | None, int | None, int | None, bool]:
+    """(stride, receptive field, start offset, clipped) of layer `name` measured on a size x size input.
+
+    The start offset is where unit 0's field would begin: the measured unit's first pixel less its
+    index times the stride (the same at any input size: convolutions and pooling align at the top left)."""
     x = torch.zeros(1, 3, size, size, requires_grad=True)
     _, outs = capture(lin, [name], x)
     out = outs[name]
@@ -140,7 +149,8 @@ def _geometry(lin: nn.Module, name: str, size: int) -> tuple[int | None, int | N
         grad_next = torch.autograd.grad(out[0, :, cy, cx - 1].sum(), x)[0]
         lo_prev, hi_prev = _support(grad_next)
         stride = hi - hi_prev if hi < size - 1 and hi_prev < size - 1 else lo - lo_prev
-    return stride, hi - lo + 1, clipped
+    start = lo - cx * stride if stride is not None else None
+    return stride, hi - lo + 1, start, clipped
 
 
 def describe_layers(model: nn.Module, input_size: int, names: list[str] | None = None) -> list[LayerInfo]:
@@ -165,12 +175,12 @@ def describe_layers(model: nn.Module, input_size: int, names: list[str] | None =
     for name in names:
         out = outs[name]
         shape = tuple(out.shape[1:]) if out.dim() in (2, 4) else tuple(out.shape[1:])
-        stride = rf = None
+        stride = rf = start = None
         if out.dim() == 4 and out.shape[-1] > 1:
             size = input_size
             for _ in range(4):  # grow the probe until the receptive field fits inside it
                 try:
-                    stride, rf, clipped = _geometry(lin, name, size)
+                    stride, rf, start, clipped = _geometry(lin, name, size)
                 except RuntimeError as e:
                     if size == input_size:  # not even at the input size: nothing to report
                         raise ValueError(f"cannot derive stride and receptive field of layer {name!r}: {e}") from e
@@ -178,7 +188,7 @@ def describe_layers(model: nn.Module, input_size: int, names: list[str] | None =
                     # the image border (the stride too, once both ends are), so both are unknown
                     # (null in /v1/model) rather than a clipped guess.
                     log.warning("layer %r: receptive field wider than the %d px probes that fit; unknown", name, size)
-                    stride = rf = None
+                    stride = rf = start = None
                     break
                 if not clipped:
                     break
@@ -186,7 +196,9 @@ def describe_layers(model: nn.Module, input_size: int, names: list[str] | None =
         else:  # global layers (pooled maps, logits) see the whole image
             rf = input_size
             stride = input_size
+            start = 0
         if out.dim() == 4 and len(shape) == 3 and shape[1:] == (1, 1):
             rf = stride = input_size
-        infos.append(LayerInfo(name=name, shape=shape, stride=stride, receptive_field=rf))
+            start = 0
+        infos.append(LayerInfo(name=name, shape=shape, stride=stride, receptive_field=rf, start=start))
     return infos

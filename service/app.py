@@ -22,14 +22,25 @@ from model import DEFAULT_BUNDLE, load_bundle
 from service.config import MAX_BATCH_SIZE_LIMIT, MAX_FORWARD_LANES, BatchingConfig, ServeConfig
 from service.decode import decode_image_bytes
 from service.errors import ApiError, bad_request, not_found, timed_out
+from service.explain import (
+    cam_layers,
+    explanation_json,
+    find_conv,
+    has_conv,
+    kernel_info,
+    kernels_png,
+    residual_blocks,
+)
+from service.explain import explain as explain_image
 from service.featuremaps import layer_json, to_npy, to_png_grid
-from service.inputs import ImageRequest, parse_top_k, read_images, single_image
+from service.inputs import RAW_IMAGE_TYPES, ImageRequest, parse_top_k, read_images, single_image
 from service.lanes import ForwardLanes, default_lanes
 from service.metrics import ServiceMetrics
+from service.middleware import admission_limit, count_refusals_with, count_refused, resize_admission, resolve_auth_token
 from service.middleware import configure as configure_middleware
-from service.middleware import count_refusals_with, count_refused, resize_admission
 from service.middleware import install as install_middleware
 from service.pacing import ForwardPacer
+from service.page import index_html, static_file
 from service.predictor import (
     BatchedPredictor,
     ItemError,
@@ -49,9 +60,8 @@ TIMEOUT_MARGIN_S = 1.0
 _IMAGE_BODY = {
     "required": True,
     "content": {
-        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-        "image/png": {"schema": {"type": "string", "format": "binary"}},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        # every raw type the API accepts, so that clients and schemathesis see (and send) them all
+        **{kind: {"schema": {"type": "string", "format": "binary"}} for kind in sorted(RAW_IMAGE_TYPES)},
         "multipart/form-data": {
             "schema": {
                 "type": "object",
@@ -220,6 +230,9 @@ class ConvServe:
             tensor = self.bundle.preprocess(image)
         except ApiError as e:
             return ItemError(e.code, e.message, e.status)
+        except Exception:  # noqa: BLE001 - not a bad image (decode.BAD_IMAGE_ERRORS are 400s): a bug of ours
+            log.exception("decoding or preprocessing an image failed in convserve's own code")
+            return ItemError("internal_error", "internal server error", 500)
         self.metrics.observe_preprocess(time.perf_counter() - start)
         return WorkItem(image=tensor, top_k=top_k, layers=layers, enqueued_at=time.perf_counter())
 
@@ -398,6 +411,7 @@ class ConvServe:
                 "accuracy": {k: v for k, v in metrics.items() if "top1" in k},
                 "device": self.predictor.device.type,
                 "batching": self.config.batching.model_dump(),
+                "admission_limit": admission_limit(),  # follows max_batch_size (service/middleware.py)
             }
         )
 
@@ -411,6 +425,115 @@ class ConvServe:
             return json_response({"status": "ready", "model": self.bundle.model_id})
         return json_response({"error": {"code": "not_ready", "message": "model is loading"}}, 503)
 
+    # --- the explainer page (`GET /`, service/static/) and what it reads beyond the routes above ---
+
+    @api.get("/", include_in_schema=False)
+    async def explainer_page(self, request: Request) -> Response:
+        """The explainer page (service/static/index.html), its base set to this application's root."""
+        return Response(
+            index_html(request.scope.get("root_path", ""), auth=resolve_auth_token(self.config) is not None),
+            media_type="text/html; charset=utf-8",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    @api.get("/static/{name:path}", include_in_schema=False)
+    async def explainer_static(self, name: str) -> Response:
+        found = static_file(name)
+        if found is None:
+            raise not_found("not_found", f"no static file {name!r}")
+        return Response(found[0], media_type=found[1], headers={"Cache-Control": "no-cache"})
+
+    @api.get("/v1/kernels", responses={200: {"content": {"image/png": {}}}})
+    async def kernels(
+        self,
+        layer: str | None = Query(
+            None,
+            description="named layer (its first convolution) or a convolution's module "
+            "path, e.g. stage1.block.conv2; default: the first named layer with one",
+        ),
+        format: str = Query("json", description="json (shape, stride, padding, base64 float32 weights) | png"),
+    ) -> Response:
+        """The learned kernels of one convolution: as JSON with its geometry, or as a PNG grid."""
+        status = 500
+        try:
+            if format not in ("json", "png"):
+                raise bad_request("invalid_parameter", f"format must be json or png, got {format!r}")
+            response = self._kernels_cached(layer, format)
+            status = 200
+            return response
+        except ApiError as e:
+            status = e.status
+            raise
+        finally:
+            self.metrics.count_answer("kernels", status)
+
+    def _kernels_cached(self, layer: str | None, format: str) -> Response:
+        cache = self.__dict__.setdefault("_kernel_answers", {})
+        named = [info.name for info in self.bundle.layers]
+        model = self.predictor.model
+        if layer is None:
+            layer = next((n for n in named if has_conv(model, n)), None)
+        if (layer, format) not in cache:
+            if layer is None or not has_conv(model, layer):
+                convs = ", ".join(n for n in named if has_conv(model, n))
+                raise not_found("unknown_layer", f"no convolution named {layer!r}; layers with one: {convs}")
+            info = kernel_info(model, layer, named)
+            if format == "png":
+                cache[(layer, format)] = (kernels_png(find_conv(model, layer)[1].weight), "image/png")
+            else:
+                cache[(layer, format)] = (orjson.dumps({"model": self.bundle.model_id, **info}), "application/json")
+        content, media_type = cache[(layer, format)]
+        return Response(content, media_type=media_type)
+
+    @api.post("/v1/explain", openapi_extra={"requestBody": _IMAGE_BODY})
+    async def explain(
+        self,
+        request: Request,
+        top_k: int | None = Query(None, description="how many classes, 1..number of classes"),
+        block: str | None = Query(None, description="residual block (module path) to take apart; default the first"),
+    ) -> Response:
+        """One image: top-k classes, the class activation map (CAM) of every class on the last stage
+        (exact for global average pooling and a linear head: each map's mean is its logit), the
+        preprocessed input the model saw, and one residual block's input, branch, sum and output.
+        Tensors are base64 little-endian float32 in C order over their `shape`."""
+        self.metrics.request_started()
+        started = time.perf_counter()
+        deadline = self._deadline()
+        status = 500
+        try:
+            model = self.predictor.model
+            if cam_layers(self.bundle.layers) is None:
+                raise bad_request("unsupported_model", "this model's named layers do not end in a pool and a head")
+            blocks = residual_blocks(model)
+            if block is not None and block not in blocks:
+                raise not_found("unknown_block", f"no residual block {block!r}; blocks: {', '.join(blocks) or 'none'}")
+            req = await self._images(request, "explain")
+            k = parse_top_k(
+                req.top_k if req.top_k is not None else top_k, self.config.limits.default_top_k, len(self.bundle.labels)
+            )
+            prepared = self._prepare(single_image(req), k, ())
+            if isinstance(prepared, ItemError):
+                raise ApiError(prepared.status, prepared.code, prepared.message)
+            layers = self.bundle.layers
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
+                    result = await asyncio.wrap_future(
+                        self.lanes.submit(explain_image, model, prepared.image, layers, block)
+                    )
+            except TimeoutError:
+                raise self._timeout_error() from None
+            body = explanation_json(result, prepared.image, layers, self.bundle.labels, k, self.bundle.preprocess)
+            total_ms = 1000 * (time.perf_counter() - started)
+            status = 200
+            return json_response(
+                {"model": self.bundle.model_id, **body}, headers={"Server-Timing": f"total;dur={total_ms:.2f}"}
+            )
+        except ApiError as e:
+            status = e.status
+            raise
+        finally:
+            self.metrics.request_finished("explain", status)
+
 
 def build_app(args: dict) -> serve.Application:
     """Application builder: the Serve config's `import_path`; its `args` arrive here."""
@@ -423,5 +546,29 @@ def build_app_with_options(args: dict | None = None, options: dict | None = None
     Under `serve deploy` / KubeRay, Ray applies the config file's `deployments` section itself.
     """
     config = ServeConfig.from_env(args or {})
-    deployment = ConvServe.options(**options) if options else ConvServe
+    deployment = ConvServe.options(**(options or {}))
+    # Ray 2.5x removed `version` from Deployment.options() but still deploys `_version` when set
+    # (serve/_private/client.py: `deployment._version or get_random_string()`); a random version
+    # restarts the replicas on every `serve.run`, even for a user_config change.
+    # tests/test_serving.py (test_a_user_config_redeploy_reconfigures_the_running_replica) checks
+    # that the replica is reconfigured in place, so a Ray that stops honouring it fails the tests.
+    deployment._version = code_version(config)
     return deployment.bind(config.model_dump())
+
+
+def code_version(config: ServeConfig) -> str:
+    """The deployment's version: the same for two deploys that differ only in `user_config`, so
+    that Serve applies such a change by calling `reconfigure()` on the running replicas (no
+    restart, no request lost); any other setting, this code or the bundle changes it, and Serve
+    replaces the replicas. Without a version Serve makes a random one per deploy and restarts."""
+    import hashlib
+    from pathlib import Path
+
+    settings = config.model_dump(mode="json", exclude={"batching"})  # a secret dumps as "**********"
+    if config.auth_token is not None:  # so that a new token counts as a change
+        settings["auth_token"] = hashlib.sha256(config.auth_token.get_secret_value().encode()).hexdigest()
+    source = b"".join(path.read_bytes() for path in sorted(Path(__file__).parent.glob("*.py")))
+    bundle = Path(config.bundle_path or DEFAULT_BUNDLE) / "bundle.json"
+    digest = hashlib.sha256(orjson.dumps(settings, option=orjson.OPT_SORT_KEYS) + source)
+    digest.update(bundle.read_bytes() if bundle.is_file() else b"")
+    return digest.hexdigest()[:16]
