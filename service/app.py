@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 
+import numpy as np
 import orjson
 import torch
 from fastapi import FastAPI, Query, Request
@@ -19,6 +20,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model import DEFAULT_BUNDLE, load_bundle
+from service import oip
 from service.config import MAX_BATCH_SIZE_LIMIT, MAX_FORWARD_LANES, BatchingConfig, ServeConfig
 from service.decode import decode_image_bytes
 from service.errors import ApiError, bad_request, not_found, timed_out
@@ -33,12 +35,20 @@ from service.explain import (
 )
 from service.explain import explain as explain_image
 from service.featuremaps import layer_json, to_npy, to_png_grid
-from service.inputs import RAW_IMAGE_TYPES, ImageRequest, parse_top_k, read_images, single_image
+from service.inputs import RAW_IMAGE_TYPES, ImageRequest, parse_top_k, read_body, read_images, single_image
 from service.lanes import ForwardLanes, default_lanes
 from service.metrics import ServiceMetrics
-from service.middleware import admission_limit, count_refusals_with, count_refused, resize_admission, resolve_auth_token
+from service.middleware import (
+    admission_limit,
+    count_refusals_with,
+    count_refused,
+    is_v2,
+    resize_admission,
+    resolve_auth_token,
+)
 from service.middleware import configure as configure_middleware
 from service.middleware import install as install_middleware
+from service.oip import OipError
 from service.pacing import ForwardPacer
 from service.page import index_html, static_file
 from service.predictor import (
@@ -95,9 +105,21 @@ def json_response(obj: dict, status: int = 200, headers: dict[str, str] | None =
     return Response(orjson.dumps(obj), status_code=status, media_type="application/json", headers=headers)
 
 
+def error_response(request: Request, status: int, code: str, message: str, headers=None) -> Response:
+    """convserve's `{"error": {"code", "message"}}`, or on /v2/* the Open Inference Protocol's
+    `{"error": "<message>"}`."""
+    error = message if is_v2(request.url.path) else {"code": code, "message": message}
+    return json_response({"error": error}, status, headers)
+
+
 @api.exception_handler(ApiError)
-async def _api_error(_request: Request, exc: ApiError) -> Response:
-    return json_response(exc.to_dict(), exc.status, exc.headers)
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    return error_response(request, exc.status, exc.code, exc.message, exc.headers)
+
+
+@api.exception_handler(OipError)
+async def _oip_error(_request: Request, exc: OipError) -> Response:
+    return json_response(exc.to_dict(), exc.status)
 
 
 @api.exception_handler(RequestValidationError)
@@ -105,19 +127,19 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     count_refused(request.url.path, 400)
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "query")
-    return json_response(bad_request("invalid_parameter", f"{where}: {first.get('msg', 'invalid')}").to_dict(), 400)
+    return error_response(request, 400, "invalid_parameter", f"{where}: {first.get('msg', 'invalid')}")
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return json_response({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code)
+    return error_response(request, exc.status_code, code, str(exc.detail))
 
 
 @api.exception_handler(Exception)
-async def _internal_error(_request: Request, exc: Exception) -> Response:
+async def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
-    return json_response({"error": {"code": "internal_error", "message": "internal server error"}}, 500)
+    return error_response(request, 500, "internal_error", "internal server error")
 
 
 # Defaults for a bare `serve run service.app:build_app`; deploy/serve_config.yaml sets the real ones.
@@ -237,7 +259,7 @@ class ConvServe:
         return WorkItem(image=tensor, top_k=top_k, layers=layers, enqueued_at=time.perf_counter())
 
     async def _prepare_all(
-        self, images: list[bytes | ItemError], top_k: int, deadline: float
+        self, images: list[bytes | ItemError], top_k: int, deadline: float, layers: tuple[str, ...] = ()
     ) -> list[WorkItem | ItemError]:
         """Decode a request's images, yielding to the event loop between them: a 64-image request
         must not hold up every other request's start (and deadline) while it decodes."""
@@ -247,7 +269,7 @@ class ConvServe:
                 await asyncio.sleep(0)
                 if time.perf_counter() > deadline:
                     raise self._timeout_error()
-            prepared.append(self._prepare(data, top_k, ()))
+            prepared.append(self._prepare(data, top_k, layers))
         return prepared
 
     def _timeout_error(self) -> ApiError:
@@ -424,6 +446,176 @@ class ConvServe:
         if getattr(self, "ready", False):
             return json_response({"status": "ready", "model": self.bundle.model_id})
         return json_response({"error": {"code": "not_ready", "message": "model is loading"}}, 503)
+
+    # --- the Open Inference Protocol (KServe V2) over HTTP: service/oip.py ---------------------------
+
+    def _v2_model(self, name: str, version: str | None) -> None:
+        if name != self.bundle.name or version not in (None, "", self.bundle.version):
+            shown = f"{name!r}" + (f" version {version!r}" if version else "")
+            raise OipError(
+                404, f"unknown model {shown}; this server has '{self.bundle.name}' version '{self.bundle.version}'"
+            )
+
+    async def _v2_infer(self, req: oip.InferRequest, deadline: float) -> tuple[list[oip.Tensor], list[ItemResult]]:
+        """Run an infer request through the same decode, batcher and model as V1; one tensor per
+        requested output (default: probabilities). Any bad item fails the request, naming it."""
+        if len(req.inputs) != 1 or req.inputs[0].name not in (oip.IMAGE_INPUT, oip.TENSOR_INPUT):
+            names = [t.name for t in req.inputs]
+            raise oip.bad(
+                f"the model takes one input, '{oip.IMAGE_INPUT}' (BYTES [N]) or '{oip.TENSOR_INPUT}' "
+                f"(FP32 or UINT8 [N,3,S,S]); got {names}"
+            )
+        wanted = req.outputs or [oip.RequestedOutput(oip.PROBABILITIES, req.binary_output)]
+        layers = tuple(dict.fromkeys(o.name for o in wanted if o.name != oip.PROBABILITIES))
+        unknown = [n for n in layers if n not in self.layer_names]
+        if unknown:
+            raise oip.bad(f"unknown output(s) {unknown}; outputs: {[oip.PROBABILITIES, *self.layer_names]}")
+        x, num_classes = req.inputs[0], len(self.bundle.labels)
+        n = x.shape[0] if x.shape else 0
+        if n > self.config.limits.max_images_per_request:
+            raise OipError(413, f"at most {self.config.limits.max_images_per_request} images per request, got {n}")
+        if x.name == oip.IMAGE_INPUT:
+            if x.datatype != "BYTES" or len(x.shape) not in (1, 2) or x.shape[1:] not in ([], [1]):
+                raise oip.bad(f"input 'image' is BYTES [N] (encoded images), got {x.datatype} {x.shape}")
+            self.metrics.count_images("v2/infer", n)
+            prepared = await self._prepare_all(list(x.data), num_classes, deadline, layers)
+        else:
+            s = self.bundle.preprocess.input_size
+            if x.datatype not in ("FP32", "UINT8") or x.shape[1:] != [3, s, s]:
+                raise oip.bad(f"input 'input' is FP32 or UINT8 [N,3,{s},{s}], got {x.datatype} {x.shape}")
+            if x.datatype == "FP32" and not np.isfinite(x.data).all():
+                raise oip.bad("input 'input' holds NaN or infinite values")
+            self.metrics.count_images("v2/infer", n)
+            now = time.perf_counter()
+            prepared = [
+                WorkItem(
+                    image=self.bundle.preprocess(torch.from_numpy(a.copy()))
+                    if x.datatype == "UINT8"
+                    else torch.from_numpy(a.copy()),
+                    top_k=num_classes,
+                    layers=layers,
+                    enqueued_at=now,
+                )
+                for a in x.data
+            ]
+        results = await self._run(prepared, deadline)
+        for i, r in enumerate(results):
+            if isinstance(r, ItemError):
+                raise OipError(r.status, f"input '{x.name}' element {i}: {r.message}")
+        tensors = []
+        for out in wanted:
+            if out.name == oip.PROBABILITIES:
+                probs = np.zeros((len(results), num_classes), dtype=np.float32)
+                for row, r in enumerate(results):
+                    for pred in r.predictions:
+                        probs[row, pred.index] = pred.score
+                if out.classification:
+                    k = min(out.classification, num_classes)
+                    rows = [oip.classification(p, k, self.bundle.labels) for p in probs]
+                    tensors.append(oip.Tensor(out.name, "BYTES", [len(rows), k], [e for row in rows for e in row]))
+                else:
+                    tensors.append(oip.Tensor(out.name, "FP32", list(probs.shape), probs))
+            else:
+                maps = np.stack([r.feature_maps[out.name].numpy() for r in results]).astype(np.float32)
+                tensors.append(oip.Tensor(out.name, "FP32", list(maps.shape), maps))
+        return tensors, results
+
+    @api.post("/v2/models/{model_name}/infer", tags=["v2"])
+    @api.post("/v2/models/{model_name}/versions/{model_version}/infer", tags=["v2"])
+    async def v2_infer(self, request: Request, model_name: str, model_version: str | None = None) -> Response:
+        """Open Inference Protocol infer: JSON tensors, or the binary tensor data extension."""
+        self.metrics.request_started()
+        started, deadline, status = time.perf_counter(), self._deadline(), 500
+        try:
+            self._v2_model(model_name, model_version)
+            try:
+                body = await read_body(request, self.config.limits.max_body_bytes)
+            except ApiError as e:
+                raise OipError(e.status, e.message) from None
+            req = oip.parse_http(body, request.headers.get(oip.HEADER_LENGTH))
+            try:
+                tensors, results = await self._v2_infer(req, deadline)
+            except ApiError as e:  # a 504 deadline, say
+                raise OipError(e.status, e.message) from None
+            binary = {o.name: o.binary for o in req.outputs} if req.outputs else {}
+            payload, headers = oip.encode_http(
+                self.bundle.name,
+                self.bundle.version,
+                req.id,
+                [(t, binary.get(t.name, req.binary_output)) for t in tensors],
+            )
+            status = 200
+            return Response(payload, headers={**headers, **self._headers(results, started)})
+        except OipError as e:
+            status = e.status
+            raise
+        finally:
+            self.metrics.request_finished("v2/infer", status, time.perf_counter() - started)
+
+    @api.get("/v2", tags=["v2"])
+    async def v2_server(self) -> Response:
+        """Server metadata."""
+        extensions = ["binary_tensor_data", "classification", "statistics"]
+        return json_response({"name": "convserve", "version": api.version, "extensions": extensions})
+
+    @api.get("/v2/health/live", tags=["v2"])
+    async def v2_live(self) -> Response:
+        return json_response({"live": True})
+
+    @api.get("/v2/health/ready", tags=["v2"])
+    async def v2_ready(self) -> Response:
+        ready = getattr(self, "ready", False)
+        return json_response({"ready": ready}, 200 if ready else 503)
+
+    @api.get("/v2/models/{model_name}", tags=["v2"])
+    @api.get("/v2/models/{model_name}/versions/{model_version}", tags=["v2"])
+    async def v2_model(self, model_name: str, model_version: str | None = None) -> Response:
+        """Model metadata: the inputs (one of two forms) and the outputs, every named layer included."""
+        self._v2_model(model_name, model_version)
+        layers = [{"name": info.name, "shape": list(info.shape)} for info in self.bundle.layers]
+        b = self.bundle
+        return json_response(oip.model_metadata(b.name, b.version, b.preprocess.input_size, len(b.labels), layers))
+
+    @api.get("/v2/models/{model_name}/ready", tags=["v2"])
+    @api.get("/v2/models/{model_name}/versions/{model_version}/ready", tags=["v2"])
+    async def v2_model_ready(self, model_name: str, model_version: str | None = None) -> Response:
+        self._v2_model(model_name, model_version)
+        ready = getattr(self, "ready", False)
+        return json_response({"name": model_name, "ready": ready}, 200 if ready else 503)
+
+    @api.get("/v2/models/{model_name}/stats", tags=["v2"])
+    @api.get("/v2/models/{model_name}/versions/{model_version}/stats", tags=["v2"])
+    async def v2_model_stats(self, model_name: str, model_version: str | None = None) -> Response:
+        """Triton's statistics extension, from this replica's own counters since it started."""
+        self._v2_model(model_name, model_version)
+        t = self.metrics.totals
+        ok = self.metrics.answers_total
+
+        def stat(count: int, ns: int) -> dict:
+            return {"count": count, "ns": ns}
+
+        return json_response(
+            {
+                "model_stats": [
+                    {
+                        "name": self.bundle.name,
+                        "version": self.bundle.version,
+                        "last_inference": int(self.metrics.last_inference_ms),
+                        "inference_count": t["images"],
+                        "execution_count": t["batches"],
+                        "inference_stats": {
+                            "success": stat(ok["success"], ok["success_ns"]),
+                            "fail": stat(ok["fail"], ok["fail_ns"]),
+                            "queue": stat(t["images"], t["queue_ns"]),
+                            "compute_input": stat(t["images"], t["preprocess_ns"]),
+                            "compute_infer": stat(t["batches"], t["inference_ns"]),
+                            "compute_output": stat(0, 0),
+                        },
+                        "batch_stats": [],
+                    }
+                ]
+            }
+        )
 
     # --- the explainer page (`GET /`, service/static/) and what it reads beyond the routes above ---
 

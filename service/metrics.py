@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
@@ -85,6 +86,11 @@ class ServiceMetrics:
             tag_keys=("reason",),
         )
         self._fallbacks_flushed: collections.Counter[str] = collections.Counter()
+        # Running totals since the replica started, for the Open Inference Protocol's statistics
+        # (GET /v2/models/<name>/stats): counts and nanoseconds, as Triton reports them.
+        self.totals: collections.Counter[str] = collections.Counter()
+        self.answers_total: collections.Counter[str] = collections.Counter()  # success/fail (+ _ns), timed routes
+        self.last_inference_ms = 0.0  # wall clock, ms since the epoch, of the last batch
         self._inflight = 0
         self._answers: collections.Counter[tuple[str, str]] = collections.Counter()
         self._images: collections.Counter[str] = collections.Counter()
@@ -101,9 +107,13 @@ class ServiceMetrics:
         self._inflight += 1
         self._soon()
 
-    def request_finished(self, endpoint: str, status: int) -> None:
+    def request_finished(self, endpoint: str, status: int, seconds: float | None = None) -> None:
         self._inflight -= 1
         self.count_answer(endpoint, status)
+        if seconds is not None:
+            outcome = "success" if status == 200 else "fail"
+            self.answers_total[outcome] += 1
+            self.answers_total[outcome + "_ns"] += int(seconds * 1e9)
 
     def count_answer(self, endpoint: str, status: int) -> None:
         """One HTTP answer; alone for requests answered before their route ran (refusals)."""
@@ -115,9 +125,15 @@ class ServiceMetrics:
 
     def observe_preprocess(self, seconds: float) -> None:
         self._preprocess_s.append(seconds)
+        self.totals["preprocess_ns"] += int(seconds * 1e9)
 
     def batch_done(self, size: int, inference_s: float, queue_waits_s: list[float]) -> None:
         self._batches.append((size, inference_s, queue_waits_s))
+        self.totals["batches"] += 1
+        self.totals["images"] += size
+        self.totals["inference_ns"] += int(inference_s * 1e9)
+        self.totals["queue_ns"] += int(sum(queue_waits_s) * 1e9)
+        self.last_inference_ms = time.time() * 1000
         self._soon()
 
     def _soon(self) -> None:

@@ -5,7 +5,8 @@ Both answer on their own, with convserve's JSON error body, before a request bod
 - `BearerAuth`: when a token is configured (`auth_token` / `auth_token_file`, or the
   CONVSERVE_AUTH_TOKEN / CONVSERVE_AUTH_TOKEN_FILE environment variables), every `/v1/*` request
   must carry `Authorization: Bearer <token>`; otherwise 401 `unauthorized` with
-  `WWW-Authenticate: Bearer`. `/healthz`, `/readyz`, `/docs`, `/openapi.json` stay open.
+  `WWW-Authenticate: Bearer`. `/healthz`, `/readyz`, `/docs`, `/openapi.json` stay open. The
+  same holds for the Open Inference Protocol's `/v2/*`, except its `/v2/health/*`.
 - `OverloadGuard`: admission control for the inference routes. A request is admitted while fewer
   than `admission_batches x max_batch_size` requests are in the replica (4 x 32 = 128 by default;
   at least 64 whatever the batch size), so an admitted request waits about `admission_batches`
@@ -14,6 +15,8 @@ Both answer on their own, with convserve's JSON error body, before a request bod
   fast, instead of every request waiting in a queue that only grows. The count stays a little
   below the deployment's `max_ongoing_requests` (240 of 256), so that requests do not wait in
   Ray's own queue, where this guard cannot see them.
+
+On `/v2/*` their error bodies take the protocol's shape, `{"error": "<message>"}`.
 
 Both are installed on the FastAPI app at import (`install(api)`) and configured from the
 replica's ServeConfig in `ConvServe.__init__` (`configure(config)`); unconfigured, they pass
@@ -35,6 +38,32 @@ OVERLOADED_RETRY_AFTER_S = 1
 GUARDED_PATHS = ("/v1/classify", "/v1/feature-maps")
 PROTECTED_PREFIX = "/v1/"
 COUNTED_ENDPOINTS = {"/v1/classify": "classify", "/v1/feature-maps": "feature-maps", "/v1/model": "model"}
+V2_PREFIX = "/v2"
+
+
+def is_v2(path: str) -> bool:
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def is_protected(path: str) -> bool:
+    """/v1/*, and /v2 except the protocol's health routes (probes carry no token)."""
+    return path.startswith(PROTECTED_PREFIX) or (is_v2(path) and not path.startswith("/v2/health/"))
+
+
+def is_guarded(path: str) -> bool:
+    """The routes that run the model, and so are subject to admission control."""
+    return path in GUARDED_PATHS or (path.startswith("/v2/models/") and path.endswith("/infer"))
+
+
+def endpoint_of(path: str) -> str:
+    """The `endpoint` label of a request: a fixed set, so that clients cannot grow the metric."""
+    if path in COUNTED_ENDPOINTS:
+        return COUNTED_ENDPOINTS[path]
+    if is_v2(path):
+        if path.endswith("/infer"):
+            return "v2/infer"
+        return "v2/" + ("stats" if path.endswith("/stats") else "ready" if path.endswith("/ready") else "metadata")
+    return "other"
 
 
 class AuthConfigError(ValueError):
@@ -120,8 +149,8 @@ def count_refused(path: str, status: int, settings: _Settings | None = None) -> 
     without bound.
     """
     counter = (settings or SETTINGS).on_refused
-    if counter is not None and path.startswith(PROTECTED_PREFIX):
-        counter(COUNTED_ENDPOINTS.get(path, "other"), status)
+    if counter is not None and is_protected(path):
+        counter(endpoint_of(path), status)
 
 
 SETTINGS = _Settings()
@@ -175,8 +204,9 @@ def replica_max_ongoing_requests() -> int:
 # --- the ASGI middlewares ---------------------------------------------------------------------
 
 
-async def _send_error(send, status: int, code: str, message: str, headers: dict[str, str]) -> None:
-    body = orjson.dumps({"error": {"code": code, "message": message}})
+async def _send_error(scope, send, status: int, code: str, message: str, headers: dict[str, str]) -> None:
+    error = message if is_v2(scope["path"]) else {"code": code, "message": message}  # the protocol's shape
+    body = orjson.dumps({"error": error})
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -198,13 +228,14 @@ class BearerAuth:
 
     async def __call__(self, scope, receive, send):
         token = self.settings.token
-        if token is None or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
+        if token is None or scope["type"] != "http" or not is_protected(scope["path"]):
             return await self.app(scope, receive, send)
         given = _bearer(scope)
         if given is None or not hmac.compare_digest(given, token):
             message = "missing bearer token" if given is None else "invalid bearer token"
             count_refused(scope["path"], 401, self.settings)
             return await _send_error(
+                scope,
                 send,
                 401,
                 "unauthorized",
@@ -221,11 +252,12 @@ class OverloadGuard:
 
     async def __call__(self, scope, receive, send):
         gate = self.settings.gate
-        if gate is None or scope["type"] != "http" or scope["path"] not in GUARDED_PATHS:
+        if gate is None or scope["type"] != "http" or not is_guarded(scope["path"]):
             return await self.app(scope, receive, send)
         if not gate.try_enter():
             count_refused(scope["path"], 503, self.settings)
             return await _send_error(
+                scope,
                 send,
                 503,
                 "overloaded",
