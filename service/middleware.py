@@ -180,6 +180,16 @@ def resize_admission(max_batch_size: int) -> None:
         SETTINGS.gate.resize(max_batch_size)
 
 
+def admission_gate() -> AdmissionGate | None:
+    """The replica's gate, for front ends that are no ASGI request (Ray Serve's gRPC calls)."""
+    return SETTINGS.gate
+
+
+def grpc_token() -> bytes | None:
+    """The bearer token gRPC calls must carry in their `authorization` metadata (None: auth off)."""
+    return SETTINGS.token
+
+
 def admission_limit() -> int | None:
     """Requests admitted into this replica at once now (None: admission control off)."""
     return SETTINGS.gate.limit if SETTINGS.gate is not None else None

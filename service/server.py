@@ -191,6 +191,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default=None, help="HTTP host (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: 8000)")
     p.add_argument("--metrics-port", type=int, default=None, help="Ray metrics export port (default: 8080)")
+    p.add_argument("--grpc-port", type=int, default=None, help="Open Inference Protocol gRPC port (default: 9000)")
     p.add_argument("--ingress", choices=["auto", "proxy", "haproxy"], default=None, help="(default: auto)")
     p.add_argument("--serve-config", default=str(DEFAULT_SERVE_CONFIG), help="Serve config file (default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help="show Ray's and HAProxy's logs live (default: to a file)")
@@ -209,6 +210,7 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
         "host": a.host,
         "port": a.port,
         "metrics_export_port": a.metrics_port,
+        "grpc_port": a.grpc_port,
         "ingress": a.ingress,
     }
     args = {**(app_entry(doc).get("args") or {})}
@@ -259,15 +261,21 @@ def serve_forever(config: ServeConfig, options: dict, num_cpus: float | None = N
         signal.signal(sig, lambda *_: stop.set())
     print(f"convserve: Ray started; its logs: {ray_logs_dir()}", flush=True)
     try:
+        from service.oip_grpc import SERVICER
+
         serve.start(
-            http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s}
+            http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s},
+            # the Open Inference Protocol's gRPC service: Ray Serve calls the deployment's method of
+            # each RPC's name (service/app.py, ModelInfer and the others)
+            grpc_options={"port": config.grpc_port, "grpc_servicer_functions": [SERVICER]},
         )
         serve.run(
             build_app_with_options(config.model_dump(), options), name="convserve", route_prefix="/", blocking=False
         )
         where = f"http://{config.host}:{config.port}"
         print(
-            f"convserve: ready on {where} (try {where}/docs); metrics on "
+            f"convserve: ready on {where} (try {where}/docs); Open Inference Protocol: {where}/v2 and "
+            f"gRPC {config.host}:{config.grpc_port}; metrics on "
             f"http://127.0.0.1:{config.metrics_export_port}/metrics; Ctrl-C stops",
             flush=True,
         )

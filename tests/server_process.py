@@ -46,8 +46,10 @@ class ServiceProcess:
     def __init__(self, *args: str, env: dict[str, str] | None = None, log_path: Path | None = None):
         self.port = free_port_block()
         self.metrics_port = free_port()
+        self.grpc_port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.args = ["--port", str(self.port), "--metrics-port", str(self.metrics_port), *args]
+        ports = ["--port", str(self.port), "--metrics-port", str(self.metrics_port), "--grpc-port", str(self.grpc_port)]
+        self.args = [*ports, *args]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_path = log_path or Path(f"/tmp/convserve-test-{self.port}.log")
         self.proc: subprocess.Popen | None = None

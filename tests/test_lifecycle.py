@@ -73,6 +73,7 @@ def test_sigterm_to_process_group_then_restart_then_sigint():
     again = ServiceProcess()
     again.port, again.metrics_port, again.base = svc.port, svc.metrics_port, svc.base
     again.args = ["--port", str(svc.port), "--metrics-port", str(svc.metrics_port), "--ingress", "proxy"]
+    again.args += ["--grpc-port", str(svc.grpc_port)]
     again.start()
     assert "ingress proxy" in again.log_text()
     assert requests.get(again.base + "/healthz", timeout=10).status_code == 200
@@ -105,7 +106,7 @@ def test_port_in_use_is_reported_not_obscure():
     port = holder.getsockname()[1]
     try:
         svc = ServiceProcess()
-        svc.args = ["--port", str(port), "--metrics-port", str(svc.metrics_port)]
+        svc.args = ["--port", str(port), "--metrics-port", str(svc.metrics_port), "--grpc-port", str(svc.grpc_port)]
         with pytest.raises(RuntimeError) as err:
             svc.start(timeout_s=60)
         assert f"port {port} is already in use" in str(err.value)

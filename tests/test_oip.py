@@ -279,3 +279,61 @@ def test_the_aio_client_and_statistics(service, http):
     assert int(after["execution_count"]) > int(before["execution_count"])
     success = after["inference_stats"]["success"]
     assert int(success["count"]) >= int(before["inference_stats"]["success"]["count"]) + 4 and int(success["ns"]) > 0
+
+
+# --- gRPC: tritonclient.grpc through Ray Serve's gRPC ingress --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grpc_client(service):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{service.grpc_port}")
+    yield client
+    client.close()
+
+
+@pytest.mark.integration
+def test_grpc_health_metadata_and_infer_equal_http(service, grpc_client, http):
+    import tritonclient.grpc as grpcclient
+
+    assert grpc_client.is_server_live() and grpc_client.is_server_ready() and grpc_client.is_model_ready(MODEL)
+    assert grpc_client.get_server_metadata().name == "convserve"
+    meta = grpc_client.get_model_metadata(MODEL)
+    assert [i.name for i in meta.inputs] == ["image", "input"] and meta.outputs[0].name == "probabilities"
+    jpegs = [jpeg for _, jpeg in fixture_jpegs(3)]
+    x = grpcclient.InferInput("image", [3], "BYTES")
+    x.set_data_from_numpy(np.array(jpegs, dtype=np.object_))
+    outputs = [
+        grpcclient.InferRequestedOutput("probabilities"),
+        grpcclient.InferRequestedOutput("stage1"),
+    ]
+    result = grpc_client.infer(MODEL, [x], outputs=outputs, request_id="g1")
+    assert result.get_response().id == "g1"
+    np.testing.assert_allclose(result.as_numpy("probabilities"), v1_probabilities(service, jpegs), atol=1e-5)
+    assert result.as_numpy("stage1").shape[0] == 3
+    top = grpc_client.infer(MODEL, [x], outputs=[grpcclient.InferRequestedOutput("probabilities", class_count=2)])
+    assert top.as_numpy("probabilities").shape == (3, 2)
+
+
+@pytest.mark.integration
+def test_grpc_errors_carry_the_protocols_status_codes(grpc_client):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    _, jpeg = fixture_jpegs(1)[0]
+
+    def status_of(model: str, inputs) -> str:
+        with pytest.raises(InferenceServerException) as e:
+            grpc_client.infer(model, inputs)
+        return e.value.status()
+
+    good = grpcclient.InferInput("image", [1], "BYTES")
+    good.set_data_from_numpy(np.array([jpeg], dtype=np.object_))
+    assert status_of("nope", [good]) == "StatusCode.NOT_FOUND"
+    bad_image = grpcclient.InferInput("image", [1], "BYTES")
+    bad_image.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
+    assert status_of(MODEL, [bad_image]) == "StatusCode.INVALID_ARGUMENT"
+    wrong = grpcclient.InferInput("input", [1, 3, 4, 4], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 3, 4, 4), dtype=np.float32))
+    assert status_of(MODEL, [wrong]) == "StatusCode.INVALID_ARGUMENT"
