@@ -703,7 +703,8 @@ class ConvServe:
         finally:
             if gate is not None:
                 gate.leave()
-            self.metrics.request_finished(endpoint, status, time.perf_counter() - started)
+            code = "OK" if status == 200 else GRPC_STATUS.get(status, grpc.StatusCode.INTERNAL).name
+            self.metrics.request_finished(endpoint, code, time.perf_counter() - started)
 
     # --- the explainer page (`GET /`, service/static/) and what it reads beyond the routes above ---
 

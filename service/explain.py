@@ -310,6 +310,7 @@ def explain(model: nn.Module, image: torch.Tensor, layers: list[LayerInfo], bloc
         notes.append("mirror averaging: the map is the mean of the image's and its mirror's, flipped back")
     else:
         cam = cams[0]
+    cam = cam.cpu()
     exact = pool_is_average and torch.allclose(cam.mean(dim=(1, 2)), logits, rtol=1e-3, atol=1e-3)
     residual = None
     if block is not None:
@@ -332,7 +333,7 @@ def explain(model: nn.Module, image: torch.Tensor, layers: list[LayerInfo], bloc
         logits=logits,
         probabilities=torch.softmax(logits, dim=0),
         cam_layer=stage_name,
-        cam=cam.cpu(),
+        cam=cam,
         cam_exact=bool(exact),
         pool_is_average=bool(pool_is_average),
         residual=residual,

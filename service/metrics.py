@@ -107,15 +107,16 @@ class ServiceMetrics:
         self._inflight += 1
         self._soon()
 
-    def request_finished(self, endpoint: str, status: int, seconds: float | None = None) -> None:
+    def request_finished(self, endpoint: str, status: int | str, seconds: float | None = None) -> None:
+        """`status`: the HTTP status, or a gRPC call's status code name ("OK", "INVALID_ARGUMENT")."""
         self._inflight -= 1
         self.count_answer(endpoint, status)
         if seconds is not None:
-            outcome = "success" if status == 200 else "fail"
+            outcome = "success" if status in (200, "OK") else "fail"
             self.answers_total[outcome] += 1
             self.answers_total[outcome + "_ns"] += int(seconds * 1e9)
 
-    def count_answer(self, endpoint: str, status: int) -> None:
+    def count_answer(self, endpoint: str, status: int | str) -> None:
         """One HTTP answer; alone for requests answered before their route ran (refusals)."""
         self._answers[(endpoint, str(status))] += 1
         self._soon()

@@ -35,9 +35,15 @@ import orjson
 from service.config import ServeConfig
 
 OVERLOADED_RETRY_AFTER_S = 1
-GUARDED_PATHS = ("/v1/classify", "/v1/feature-maps")
+GUARDED_PATHS = ("/v1/classify", "/v1/feature-maps", "/v1/explain")
 PROTECTED_PREFIX = "/v1/"
-COUNTED_ENDPOINTS = {"/v1/classify": "classify", "/v1/feature-maps": "feature-maps", "/v1/model": "model"}
+COUNTED_ENDPOINTS = {
+    "/v1/classify": "classify",
+    "/v1/feature-maps": "feature-maps",
+    "/v1/explain": "explain",
+    "/v1/kernels": "kernels",
+    "/v1/model": "model",
+}
 V2_PREFIX = "/v2"
 
 

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import requests
 
-from model import DEFAULT_BUNDLE
 from service.page import index_html
 from tests.server_process import REPO_ROOT, ServiceProcess
 
@@ -55,8 +54,6 @@ def chromium_path() -> str:
 
 @pytest.fixture(scope="module")
 def service(chromium_path):
-    if not (DEFAULT_BUNDLE / "bundle.json").is_file():
-        pytest.skip("embedded bundle not trained yet (make train)")
     # Ray's Python proxy: Ray's HAProxy ingress binds fixed stats and metrics ports (8404, 9101), so
     # it cannot run beside another test's service; the page and its requests are the same either way.
     svc = ServiceProcess("--ingress", "proxy", env={"CONVSERVE_AUTH_TOKEN": TOKEN}).start()
@@ -123,6 +120,53 @@ def classify_top1(service, body: bytes) -> str:
     )
     assert resp.status_code == 200, resp.text
     return resp.json()["predictions"][0]["label"]
+
+
+def test_explain_and_kernels_routes_share_the_api_contract(service, model_info):
+    """Errors in the JSON envelope, auth, OpenAPI and metrics: what the page's two new routes share
+    with the others (the browser is not needed for this, the service is)."""
+    jpeg = UPLOAD.read_bytes()
+    url = service.base + "/v1/explain"
+    ok = requests.post(url, data=jpeg, headers={**AUTH, "Content-Type": "image/jpeg"}, params={"top_k": 3}, timeout=30)
+    assert ok.status_code == 200, ok.text
+    body = ok.json()
+    assert body["model"] == model_info["model"] and len(body["predictions"]) == 3
+    assert body["predictions"][0]["label"] == classify_top1(service, jpeg)
+    assert body["cam"]["exact"] and body["cam"]["shape"] == [len(model_info["labels"]), 3, 3]
+    cam = np.frombuffer(base64.b64decode(body["cam"]["values"]["data"]), "<f4").reshape(body["cam"]["shape"])
+    np.testing.assert_allclose(cam.mean(axis=(1, 2)), body["logits"], atol=1e-4)  # CAM mean = logit
+    cases = [
+        (requests.post(url, data=jpeg, headers={"Content-Type": "image/jpeg"}, timeout=10), 401, "unauthorized"),
+        (requests.post(url, data=b"x", headers={**AUTH, "Content-Type": "text/plain"}, timeout=10), 415, None),
+        (
+            requests.post(url, data=b"x", headers={**AUTH, "Content-Type": "image/png"}, timeout=10),
+            400,
+            "invalid_image",
+        ),
+        (
+            requests.post(url, data=jpeg, headers={**AUTH, "Content-Type": "image/jpeg"}, params={"top_k": 0}),
+            400,
+            None,
+        ),
+        (
+            requests.post(url, data=jpeg, headers={**AUTH, "Content-Type": "image/jpeg"}, params={"block": "stem"}),
+            404,
+            "unknown_block",
+        ),
+        (requests.get(service.base + "/v1/kernels", params={"layer": "nope"}, headers=AUTH), 404, "unknown_layer"),
+        (requests.get(service.base + "/v1/kernels", params={"format": "gif"}, headers=AUTH), 400, "invalid_parameter"),
+        (requests.get(service.base + "/v1/kernels", timeout=10), 401, "unauthorized"),
+        (requests.get(service.base + "/static/../service/app.py", timeout=10), 404, None),
+    ]
+    for resp, status, code in cases:
+        assert resp.status_code == status, (resp.url, resp.text)
+        err = resp.json()["error"]
+        assert {"code", "message"} <= set(err) and (code is None or err["code"] == code), err
+    png = requests.get(service.base + "/v1/kernels", params={"layer": "stage1", "format": "png"}, headers=AUTH)
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+    spec = requests.get(service.base + "/openapi.json", timeout=10).json()
+    assert {"/v1/explain", "/v1/kernels"} <= set(spec["paths"])
+    assert "/" not in spec["paths"]  # the page is not part of the API
 
 
 def test_page_asks_for_the_token_once_then_explains_an_uploaded_image(browser, service, model_info):
@@ -272,6 +316,40 @@ def test_sliding_kernel_output_equals_the_served_feature_map(browser, service, m
     assert not w.errors and not w.failed, (w.errors, w.failed)
 
 
+def test_samples_drop_and_paste_each_explain_their_image(browser, service):
+    w = open_page(browser, service)
+    page = w.page
+    wait_analysed(page, 1)
+    page.click('.sample[data-name="ship.jpg"]')
+    wait_analysed(page, 2)
+    ship = (REPO_ROOT / "service" / "static" / "samples" / "ship.jpg").read_bytes()
+    assert page.inner_text("#top1-label") == classify_top1(service, ship)
+    jpeg = list((FIXTURES / "horse").glob("*.jpg"))[0].read_bytes()
+    make_file = (
+        "bytes => { const dt = new DataTransfer();"
+        " dt.items.add(new File([new Uint8Array(bytes)], 'x.jpg', {type: 'image/jpeg'})); return dt; }"
+    )
+    page.evaluate(
+        f"bytes => document.getElementById('drop').dispatchEvent("
+        f"new DragEvent('drop', {{dataTransfer: ({make_file})(bytes), bubbles: true, cancelable: true}}))",
+        list(jpeg),
+    )
+    wait_analysed(page, 3)
+    assert page.inner_text("#top1-label") == classify_top1(service, jpeg)
+    page.evaluate(
+        f"bytes => document.dispatchEvent(new ClipboardEvent('paste', {{clipboardData: ({make_file})(bytes)}}))",
+        list(UPLOAD.read_bytes()),
+    )
+    wait_analysed(page, 4)
+    assert page.inner_text("#top1-label") == classify_top1(service, UPLOAD.read_bytes())
+    # keyboard: a feature-map tile is a button; Enter enlarges it in the receptive-field view
+    page.focus('.tile[data-layer="stage1"]')
+    page.keyboard.press("Enter")
+    assert page.get_attribute("#rf-map", "data-layer") == "stage1"
+    assert page.evaluate("document.activeElement.id") == "rf-map"
+    assert not w.errors and not w.failed, (w.errors, w.failed)
+
+
 def test_a_refused_image_shows_the_api_error_message(browser, service):
     w = open_page(browser, service)
     page = w.page
@@ -330,57 +408,12 @@ def test_page_works_under_a_route_prefix(browser, service):
     context.close()
 
 
-def test_explain_and_kernels_routes_share_the_api_contract(service, model_info):
-    """Errors in the JSON envelope, auth, OpenAPI and metrics: what the page's two new routes share
-    with the others (the browser is not needed for this, the service is)."""
-    jpeg = UPLOAD.read_bytes()
-    url = service.base + "/v1/explain"
-    ok = requests.post(url, data=jpeg, headers={**AUTH, "Content-Type": "image/jpeg"}, params={"top_k": 3}, timeout=30)
-    assert ok.status_code == 200, ok.text
-    body = ok.json()
-    assert body["model"] == model_info["model"] and len(body["predictions"]) == 3
-    assert body["predictions"][0]["label"] == classify_top1(service, jpeg)
-    assert body["cam"]["exact"] and body["cam"]["shape"] == [len(model_info["labels"]), 3, 3]
-    cam = np.frombuffer(base64.b64decode(body["cam"]["values"]["data"]), "<f4").reshape(body["cam"]["shape"])
-    np.testing.assert_allclose(cam.mean(axis=(1, 2)), body["logits"], atol=1e-4)  # CAM mean = logit
-    cases = [
-        (requests.post(url, data=jpeg, headers={"Content-Type": "image/jpeg"}, timeout=10), 401, "unauthorized"),
-        (requests.post(url, data=b"x", headers={**AUTH, "Content-Type": "text/plain"}, timeout=10), 415, None),
-        (
-            requests.post(url, data=b"x", headers={**AUTH, "Content-Type": "image/png"}, timeout=10),
-            400,
-            "invalid_image",
-        ),
-        (
-            requests.post(url, data=jpeg, headers={**AUTH, "Content-Type": "image/jpeg"}, params={"top_k": 0}),
-            400,
-            None,
-        ),
-        (
-            requests.post(url, data=jpeg, headers={**AUTH, "Content-Type": "image/jpeg"}, params={"block": "stem"}),
-            404,
-            "unknown_block",
-        ),
-        (requests.get(service.base + "/v1/kernels", params={"layer": "nope"}, headers=AUTH), 404, "unknown_layer"),
-        (requests.get(service.base + "/v1/kernels", params={"format": "gif"}, headers=AUTH), 400, "invalid_parameter"),
-        (requests.get(service.base + "/v1/kernels", timeout=10), 401, "unauthorized"),
-        (requests.get(service.base + "/static/../service/app.py", timeout=10), 404, None),
-    ]
-    for resp, status, code in cases:
-        assert resp.status_code == status, (resp.url, resp.text)
-        err = resp.json()["error"]
-        assert {"code", "message"} <= set(err) and (code is None or err["code"] == code), err
-    png = requests.get(service.base + "/v1/kernels", params={"layer": "stage1", "format": "png"}, headers=AUTH)
-    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
-    spec = requests.get(service.base + "/openapi.json", timeout=10).json()
-    assert {"/v1/explain", "/v1/kernels"} <= set(spec["paths"])
-    assert "/" not in spec["paths"]  # the page is not part of the API
-    # counted in metrics like every route (Ray exports them a second or two later)
+def test_explain_and_kernels_are_counted_in_metrics(service):
+    """Run last: the requests of the tests above (the page's and the API contract test's) have had
+    time to reach Ray's metrics export by now."""
     wanted = {("explain", "200"), ("explain", "400"), ("kernels", "200"), ("kernels", "404")}
     deadline = time.monotonic() + 20
-    seen: set = set()
-    while time.monotonic() < deadline and not wanted <= seen:
-        time.sleep(1)
+    while True:
         text = requests.get(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10).text
         seen = {
             (labels.get("endpoint"), labels.get("status"))
@@ -388,4 +421,7 @@ def test_explain_and_kernels_routes_share_the_api_contract(service, model_info):
             if line.startswith("ray_convserve_requests_total{")
             for labels in [dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))]
         }
+        if wanted <= seen or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert wanted <= seen, seen

@@ -152,6 +152,19 @@ def test_guard_rejects_fast_with_json_503_and_retry_after():
     assert call(guard(gate), "/healthz")[0] == 200 and call(guard(gate), "/v1/model")[0] == 200
 
 
+def test_the_inference_protocol_is_guarded_and_refused_in_its_own_shape():
+    gate = AdmissionGate(max_batch_size=2, batches=1, cap=2)
+    gate.in_flight = 2
+    for path in ("/v2/models/m/infer", "/v2/models/m/versions/1/infer"):
+        status, hdrs, body = call(guard(gate), path)
+        assert status == 503 and hdrs["retry-after"] == "1"
+        assert isinstance(orjson.loads(body)["error"], str)  # {"error": "<message>"}, as the protocol says
+    assert call(guard(gate), "/v2/models/m")[0] == 200 and call(guard(gate), "/v2/health/ready")[0] == 200
+    status, _, body = call(auth("s3cret"), "/v2/models/m/infer")
+    assert status == 401 and "bearer token" in orjson.loads(body)["error"]
+    assert call(auth("s3cret"), "/v2/health/live")[0] == 200 and call(auth("s3cret"), "/v2")[0] == 401
+
+
 def test_guard_counts_admitted_requests_in_and_out():
     gate = AdmissionGate(max_batch_size=2, batches=1, cap=2)
     assert call(guard(gate), "/v1/feature-maps")[0] == 200

@@ -337,3 +337,26 @@ def test_grpc_errors_carry_the_protocols_status_codes(grpc_client):
     wrong = grpcclient.InferInput("input", [1, 3, 4, 4], "FP32")
     wrong.set_data_from_numpy(np.zeros((1, 3, 4, 4), dtype=np.float32))
     assert status_of(MODEL, [wrong]) == "StatusCode.INVALID_ARGUMENT"
+
+
+@pytest.mark.integration
+def test_protocol_requests_are_counted_by_endpoint(service, http, grpc_client):
+    """requests_total{endpoint}: v2/infer (HTTP, by HTTP status), grpc/infer (by gRPC status code)."""
+    from tests.test_serving import scrape, total, wait_for
+
+    _, jpeg = fixture_jpegs(1)[0]
+    http.infer(MODEL, [image_input([jpeg])])
+    import tritonclient.grpc as grpcclient
+
+    x = grpcclient.InferInput("image", [1], "BYTES")
+    x.set_data_from_numpy(np.array([jpeg], dtype=np.object_))
+    grpc_client.infer(MODEL, [x])
+    name = "ray_convserve_requests_total"
+
+    def counted():
+        now = scrape(service)
+        http_ok = total(now, name, endpoint="v2/infer", status="200")
+        ok = http_ok and total(now, name, endpoint="grpc/infer", status="OK")
+        return now if ok else None
+
+    assert wait_for(counted), "V2 requests were not counted within 60 s"

@@ -177,6 +177,37 @@ def test_health_and_docs_stay_open(service):
     assert requests.get(service.base + "/v1/model", headers=AUTH, timeout=30).status_code == 200
 
 
+def test_the_inference_protocol_needs_the_token_too(service):
+    """Open Inference Protocol, HTTP and gRPC: the same bearer token as /v1/*; health stays open."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    model = "convservenet-cifar10"
+    assert requests.get(service.base + "/v2/health/ready", timeout=10).status_code == 200
+    for resp in (
+        requests.get(service.base + f"/v2/models/{model}", timeout=10),
+        requests.post(service.base + f"/v2/models/{model}/infer", data=b"{}", timeout=10),
+    ):
+        assert resp.status_code == 401 and isinstance(resp.json()["error"], str), resp.text  # the protocol's shape
+    x = httpclient.InferInput("image", [1], "BYTES")
+    x.set_data_from_numpy(np.array([real_jpeg()], dtype=np.object_))
+    http = httpclient.InferenceServerClient(service.base.removeprefix("http://"))
+    assert http.infer(model, [x], headers=AUTH).as_numpy("probabilities").shape == (1, 10)
+
+    g = grpcclient.InferenceServerClient(f"127.0.0.1:{service.grpc_port}")
+    gx = grpcclient.InferInput("image", [1], "BYTES")
+    gx.set_data_from_numpy(np.array([real_jpeg()], dtype=np.object_))
+    with pytest.raises(InferenceServerException) as e:
+        g.infer(model, [gx])
+    assert e.value.status() == "StatusCode.UNAUTHENTICATED"
+    with pytest.raises(InferenceServerException) as e:
+        g.infer(model, [gx], headers={"authorization": "Bearer wrong"})
+    assert e.value.status() == "StatusCode.UNAUTHENTICATED"
+    assert g.infer(model, [gx], headers={"authorization": f"Bearer {TOKEN}"}).as_numpy("probabilities").shape == (1, 10)
+    assert g.is_server_live()  # health stays open
+
+
 # --- error bodies ------------------------------------------------------------------------------------------
 
 

@@ -739,8 +739,11 @@
     const scale = Math.max(1, Math.ceil(256 / size));
     const out = size * scale;
     // Cell (i, j) of the last stage is centred on its receptive field: start + i * stride + (rf - 1) / 2.
-    const centre0 = cam.start + (cam.receptive_field - 1) / 2;
-    const sample = (u, n) => Math.max(0, Math.min(n - 1, (u - centre0) / cam.stride));
+    // (Geometry unknown: the cells spread evenly over the image.)
+    const known = cam.start != null && cam.stride != null && cam.receptive_field != null;
+    const step = known ? cam.stride : size / w;
+    const centre0 = known ? cam.start + (cam.receptive_field - 1) / 2 : step / 2 - 0.5;
+    const sample = (u, n) => Math.max(0, Math.min(n - 1, (u - centre0) / step));
     const rgb = a.rgb;
     const n = size * size;
     const url = toDataUrl(out, out, (px) => {
