@@ -7,7 +7,7 @@ DATA   ?= ../shared/datasets/cifar10
 BUNDLE ?= model/bundles/convservenet-cifar10
 ARGS   ?=
 
-.PHONY: setup serve test test-all train evaluate lint format clean loadtest bench
+.PHONY: setup serve test test-all train evaluate lint format clean loadtest bench proto
 
 setup: $(VENV)/.installed
 
@@ -47,3 +47,12 @@ clean:
 
 bench: setup
 	$(PY) -m loadtests.bench $(ARGS)
+
+# Regenerate the Open Inference Protocol's gRPC modules (committed) from service/oip_proto/*.proto: the
+# messages' *_pb2 and the service's *_grpc only (see open_inference_service.proto for why).
+# grpcio-tools in a throwaway venv: its protobuf must not replace the one Ray Serve needs.
+GRPC_TOOLS ?= /tmp/convserve-grpc-tools
+proto:
+	python3 -m venv $(GRPC_TOOLS) && $(GRPC_TOOLS)/bin/pip install --quiet grpcio-tools==1.85.1 protobuf==7.36.2
+	$(GRPC_TOOLS)/bin/python -m grpc_tools.protoc -I. --python_out=. service/oip_proto/open_inference.proto
+	$(GRPC_TOOLS)/bin/python -m grpc_tools.protoc -I. --grpc_python_out=. service/oip_proto/open_inference_service.proto

@@ -18,13 +18,13 @@ pass at a time and two passes side by side (lanes).
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +35,8 @@ from pathlib import Path
 
 import requests
 import torch
+
+from loadtests.run import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "tests" / "fixtures" / "cifar10-val-sample"
@@ -48,7 +50,7 @@ end
 local i = 0
 request = function()
   i = i %% n + 1
-  return wrk.format("POST", "/v1/classify?top_k=1", {["Content-Type"] = "image/jpeg"}, bodies[i])
+  return wrk.format("POST", "%(path)s", %(headers)s, bodies[i])
 end
 done = function(summary, latency, requests)
   io.write(string.format("JSON {\\"requests\\": %%d, \\"duration_us\\": %%d, \\"errors_status\\": %%d, " ..
@@ -145,23 +147,18 @@ def offline_limit(batch_sizes: list[int], seconds: float, lanes: int = 2) -> tup
 # --- served ----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Service:
     """`python -m service` in its own session; stopped by pid."""
 
     def __init__(self, ingress: str, env: dict[str, str], log_dir: Path):
         self.port = 18000 + os.getpid() % 1000
         self.metrics_port = free_port()
+        self.grpc_port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = open(log_dir / f"service-{ingress}-{int(time.time())}.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-             "--ingress", ingress],
+             "--grpc-port", str(self.grpc_port), "--ingress", ingress],
             cwd=REPO, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
@@ -262,6 +259,129 @@ def served(
         svc.stop()
 
 
+# --- protocols: the same images through each way in ---------------------------------------------------
+
+RAW_JPEG_HEADERS = '{["Content-Type"] = "image/jpeg"}'
+# The V2 binary request's JSON head, padded with spaces (valid JSON) to one length for every image, so
+# that one Inference-Header-Content-Length header serves all of them.
+V2_HEAD = (
+    '{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": %d}}], '
+    '"outputs": [{"name": "probabilities", "parameters": {"classification": 1, "binary_data": true}}]}'
+)
+V2_HEAD_LENGTH = len(V2_HEAD % 10**9) + 2
+
+
+def protocol_bodies(tmp: Path) -> dict[str, tuple[str, str, Path]]:
+    """name -> (path, Lua headers table, listing of body files): one body per fixture image."""
+    from service.oip import join_bytes
+
+    ways = {
+        "v1_raw": ("/v1/classify?top_k=1", RAW_JPEG_HEADERS),
+        "v1_json": ("/v1/classify", '{["Content-Type"] = "application/json"}'),
+        "v2_http_binary": (
+            "/v2/models/convservenet-cifar10/infer",
+            '{["Content-Type"] = "application/octet-stream", '
+            f'["Inference-Header-Content-Length"] = "{V2_HEAD_LENGTH}"}}',
+        ),
+    }
+    out = {}
+    for name, (path, headers) in ways.items():
+        folder = tmp / name
+        folder.mkdir(exist_ok=True)
+        files = []
+        for i, jpeg_path in enumerate(jpeg_files()):
+            jpeg = jpeg_path.read_bytes()
+            if name == "v1_raw":
+                body = jpeg
+            elif name == "v1_json":
+                body = json.dumps({"images": [base64.b64encode(jpeg).decode()], "top_k": 1}).encode()
+            else:
+                raw = join_bytes([jpeg])
+                body = (V2_HEAD % len(raw)).ljust(V2_HEAD_LENGTH).encode() + raw
+            files.append(folder / f"{i}.bin")
+            files[-1].write_bytes(body)
+        listing = folder / "bodies.txt"
+        listing.write_text("\n".join(str(f) for f in files) + "\n")
+        out[name] = (path, headers, listing)
+    return out
+
+
+def grpc_closed_loop(port: int, concurrency: int, seconds: float) -> dict:
+    """`concurrency` gRPC clients (ModelInfer, one image each), each sending its next call when the
+    previous one is answered: what wrk does for HTTP, with grpc.aio and prebuilt messages."""
+    import asyncio
+
+    import grpc
+
+    from service.oip import join_bytes
+    from service.oip_proto import open_inference_pb2 as pb
+    from service.oip_proto import open_inference_service_pb2_grpc as pb_grpc
+
+    requests_ = []
+    for jpeg_path in jpeg_files():
+        req = pb.ModelInferRequest(model_name="convservenet-cifar10")
+        req.inputs.add(name="image", datatype="BYTES", shape=[1])
+        req.raw_input_contents.append(join_bytes([jpeg_path.read_bytes()]))
+        out = req.outputs.add(name="probabilities")
+        out.parameters["classification"].int64_param = 1
+        requests_.append(req)
+
+    async def run() -> tuple[list[float], int, float]:
+        latencies, errors = [], 0
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            end = time.monotonic() + seconds
+
+            async def client(k: int) -> None:
+                nonlocal errors
+                i = k
+                while time.monotonic() < end:
+                    started = time.perf_counter()
+                    try:
+                        await stub.ModelInfer(requests_[i % len(requests_)], timeout=30)
+                        latencies.append(time.perf_counter() - started)
+                    except grpc.aio.AioRpcError:
+                        errors += 1
+                    i += concurrency
+
+            began = time.monotonic()
+            await asyncio.gather(*(client(k) for k in range(concurrency)))
+            return latencies, errors, time.monotonic() - began
+
+    latencies, errors, elapsed = asyncio.run(run())
+    ms = sorted(1000 * v for v in latencies) or [float("nan")]
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies) + errors,
+        "images_per_s": len(latencies) / elapsed,
+        "p50_ms": ms[len(ms) // 2],
+        "p90_ms": ms[int(len(ms) * 0.9)],
+        "p99_ms": ms[min(len(ms) - 1, int(len(ms) * 0.99))],
+        "errors": errors,
+        "non_2xx": errors,
+    }
+
+
+def protocols(ingress: str, concurrencies: list[int], seconds: float, tmp: Path, log_dir: Path) -> dict:
+    """One service; each protocol at each concurrency, one image per request. The load generators
+    differ (wrk in C for HTTP, Python grpc.aio for gRPC, on the same 2 cores as the service)."""
+    bodies = protocol_bodies(tmp)
+    svc = Service(ingress, {}, log_dir)
+    rows: dict[str, list[dict]] = {}
+    try:
+        svc.wait_ready()
+        for name, (path, headers, listing) in bodies.items():
+            lua = tmp / f"{name}.lua"
+            lua.write_text(WRK_LUA % {"list": listing, "path": path, "headers": headers})
+            run_wrk(svc.base, 8, min(2.0, seconds), lua)  # warm-up, and a check that it answers 200
+            rows[name] = [run_wrk(svc.base, c, seconds, lua) for c in concurrencies]
+        grpc_closed_loop(svc.grpc_port, 8, min(2.0, seconds))
+        rows["v2_grpc"] = [grpc_closed_loop(svc.grpc_port, c, seconds) for c in concurrencies]
+    finally:
+        svc.stop()
+    return rows
+
+
 # --- report ----------------------------------------------------------------------------------
 
 
@@ -315,7 +435,7 @@ def check_targets(results: dict) -> dict:
         targets["goodput_c128_over_c32"] = round(rows[128]["images_per_s"] / rows[32]["images_per_s"], 2)
         targets["refused_fraction_c128"] = round(rows[128]["non_2xx"] / max(1, rows[128]["requests"]), 4)
         targets["c128_ok"] = targets["goodput_c128_over_c32"] >= 1.0 and targets["refused_fraction_c128"] < 0.01
-    all_rows = [r for group in results["served"].values() for r in group]
+    all_rows = [r for group in [*results["served"].values(), *results.get("protocols", {}).values()] for r in group]
     targets["errors"] = sum(r["errors"] for r in all_rows)
     targets["no_errors_ok"] = targets["errors"] == 0
     return targets
@@ -340,6 +460,12 @@ def print_table(results: dict) -> None:
         if "offline_single_passes_ms" in r:
             print(f"concurrency 1: served p50 {r['p50_ms_passes']} ms, each after an offline single-image pass "
                   f"{r['offline_single_passes_ms']} ms (service up, idle)")  # fmt: skip
+    if results.get("protocols"):
+        print(f"\n{'protocol (one service)':<24}{'conc':>6}{'img/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+        for name, rows in results["protocols"].items():
+            for r in rows:
+                print(f"{name:<24}{r['concurrency']:>6}{r['images_per_s']:>9.0f}{r['p50_ms']:>9.2f}"
+                      f"{r['p99_ms']:>9.2f}{r['errors']:>8}")  # fmt: skip
     print("targets:", json.dumps(results["targets"]))
 
 
@@ -376,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         listing = Path(tmp) / "bodies.txt"
         listing.write_text("\n".join(str(f) for f in jpeg_files()) + "\n")
         lua = Path(tmp) / "classify.lua"
-        lua.write_text(WRK_LUA % {"list": listing})
+        lua.write_text(WRK_LUA % {"list": listing, "path": "/v1/classify?top_k=1", "headers": RAW_JPEG_HEADERS})
         results["served"] = {}
         print(f"bench: served, batching on, {ingress} ...", flush=True)
         results["served"]["batching_on"] = served(ingress, {}, concurrencies, seconds, lua, out, offline_single)
@@ -389,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
             if other:
                 print("bench: served, Ray's Python proxy ...", flush=True)
                 results["served"]["python_proxy"] = served(other, {}, c, seconds, lua, out)
+        if not a.no_compare:
+            c = [1, 8] if a.quick else [1, 32]
+            print("bench: protocols (V1 raw and JSON, V2 HTTP binary, V2 gRPC) ...", flush=True)
+            results["protocols"] = protocols(ingress, c, seconds, Path(tmp), out)
     results["targets"] = check_targets(results)
     try:
         results["plots"] = plot(results, out)

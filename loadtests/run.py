@@ -84,10 +84,25 @@ def readyz(host: str, timeout_s: float = 3.0) -> int | None:
         return None
 
 
+# Where Ray Serve's replicas bind their own HTTP and gRPC servers in HAProxy mode (direct ingress,
+# ray/serve/_private/constants.py): a port chosen there could be taken by a replica before the
+# service binds it ("cannot bind socket (Address already in use)").
+RAY_DIRECT_INGRESS_PORTS = (range(30000, 31001), range(40000, 41001))
+
+
+def in_ray_ingress_range(port: int) -> bool:
+    return any(port in r for r in RAY_DIRECT_INGRESS_PORTS)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port outside Ray's direct-ingress ranges."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not in_ray_ingress_range(port):
+            return port
+    raise RuntimeError("no free port outside Ray's direct-ingress ranges")
 
 
 class Service:

@@ -140,7 +140,7 @@ def supervise(command: list[str], log_path: str, verbose: bool, grace_s: float =
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = config_from_args(parse_args(argv))
-    preflight([config.port, config.metrics_export_port, config.grpc_port], config.port)
+    preflight([p for p in (config.port, config.metrics_export_port, config.grpc_port) if p], config.port)
 
     args = parse_args(argv)
     log_path = os.path.join(runtime_dir(config.port), "service.log")

@@ -78,7 +78,9 @@ class ServeConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     metrics_export_port: int = Field(8080, gt=0, lt=65536)
-    grpc_port: int = Field(9000, gt=0, lt=65536, description="the Open Inference Protocol's gRPC port; Ray Serve's")
+    grpc_port: int = Field(
+        9000, ge=0, lt=65536, description="the Open Inference Protocol's gRPC port (Ray Serve's default); 0: no gRPC"
+    )
     request_timeout_s: float = Field(30.0, gt=0)
     ingress: Literal["auto", "proxy", "haproxy"] = Field(
         "auto", description="auto = HAProxy when a haproxy binary is available, else Ray's Python proxy"

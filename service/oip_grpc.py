@@ -26,7 +26,7 @@ GRPC_STATUS = {
 }
 
 SERVICE = "inference.GRPCInferenceService"
-SERVICER = "service.oip_proto.open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+SERVICER = "service.oip_proto.open_inference_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
 
 # Typed contents: which repeated field holds which datatype.
 _CONTENTS = {

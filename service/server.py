@@ -191,7 +191,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default=None, help="HTTP host (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: 8000)")
     p.add_argument("--metrics-port", type=int, default=None, help="Ray metrics export port (default: 8080)")
-    p.add_argument("--grpc-port", type=int, default=None, help="Open Inference Protocol gRPC port (default: 9000)")
+    p.add_argument(
+        "--grpc-port", type=int, default=None, help="Open Inference Protocol gRPC port (default: 9000; 0: off)"
+    )
     p.add_argument("--ingress", choices=["auto", "proxy", "haproxy"], default=None, help="(default: auto)")
     p.add_argument("--serve-config", default=str(DEFAULT_SERVE_CONFIG), help="Serve config file (default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help="show Ray's and HAProxy's logs live (default: to a file)")
@@ -216,6 +218,7 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
     args = {**(app_entry(doc).get("args") or {})}
     args.setdefault("batching", deployment_entry(doc).get("user_config") or {})
     args.setdefault("request_timeout_s", (doc.get("http_options") or {}).get("request_timeout_s", 30))
+    args.setdefault("grpc_port", (doc.get("grpc_options") or {}).get("port", 9000))
     config = ServeConfig.from_env(args)
     return config.model_validate({**config.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -267,7 +270,9 @@ def serve_forever(config: ServeConfig, options: dict, num_cpus: float | None = N
             http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s},
             # the Open Inference Protocol's gRPC service: Ray Serve calls the deployment's method of
             # each RPC's name (service/app.py, ModelInfer and the others)
-            grpc_options={"port": config.grpc_port, "grpc_servicer_functions": [SERVICER]},
+            grpc_options={"port": config.grpc_port, "grpc_servicer_functions": [SERVICER]}
+            if config.grpc_port
+            else None,
         )
         serve.run(
             build_app_with_options(config.model_dump(), options), name="convserve", route_prefix="/", blocking=False
@@ -275,7 +280,7 @@ def serve_forever(config: ServeConfig, options: dict, num_cpus: float | None = N
         where = f"http://{config.host}:{config.port}"
         print(
             f"convserve: ready on {where} (try {where}/docs); Open Inference Protocol: {where}/v2 and "
-            f"gRPC {config.host}:{config.grpc_port}; metrics on "
+            f"{f'gRPC {config.host}:{config.grpc_port}' if config.grpc_port else 'gRPC off'}; metrics on "
             f"http://127.0.0.1:{config.metrics_export_port}/metrics; Ctrl-C stops",
             flush=True,
         )

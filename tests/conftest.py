@@ -26,6 +26,14 @@ def sample_dir() -> Path:
     return FIXTURES / "cifar10-val-sample"
 
 
+@pytest.fixture(scope="session")
+def bundle():
+    """The embedded bundle (model/bundles/), loaded as the service loads it."""
+    from model import DEFAULT_BUNDLE, load_bundle
+
+    return load_bundle(DEFAULT_BUNDLE)
+
+
 CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

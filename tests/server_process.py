@@ -13,20 +13,18 @@ from pathlib import Path
 import psutil
 import requests
 
+from loadtests.run import free_port, in_ray_ingress_range
+
+__all__ = ["free_port", "free_port_block", "ServiceProcess"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_port_block(span: int = 1600) -> int:
     """A port p with p, p+500 and p+1500 free (Ray's fallback proxy ports follow ours)."""
     for _ in range(50):
         port = free_port()
-        if port + span > 65000:
+        if port + span > 65000 or in_ray_ingress_range(port + 500) or in_ray_ingress_range(port + 1500):
             continue
         ok = True
         for p in (port, port + 500, port + 1500):

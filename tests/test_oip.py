@@ -13,7 +13,6 @@ import pytest
 import requests
 import torch
 
-from model import DEFAULT_BUNDLE, load_bundle
 from service import oip
 from tests.server_process import ServiceProcess
 from tests.test_serving import fixture_jpegs
@@ -106,6 +105,28 @@ def test_response_encoding_json_and_binary():
     assert oip.classification(np.array([0.1, 0.7, 0.2]), 2, ["a", "b", "c"]) == [b"0.700000:1:b", b"0.200000:2:c"]
 
 
+def test_the_generated_grpc_modules_match_the_proto():
+    """`make proto` output is committed: it must describe what the .proto files say, under the
+    service name tritonclient.grpc calls (`/inference.GRPCInferenceService/<RPC>`)."""
+    import re
+    from pathlib import Path
+
+    from service.oip_proto import open_inference_pb2 as pb
+    from service.oip_proto import open_inference_service_pb2_grpc as pb_grpc
+
+    folder = Path(pb.__file__).parent
+    messages, service = ((folder / n).read_text() for n in ("open_inference.proto", "open_inference_service.proto"))
+    assert set(pb.DESCRIPTOR.message_types_by_name) == set(re.findall(r"^message (\w+)", messages, re.M))
+    rpcs = re.findall(r"rpc (\w+)\(", service)
+    assert len(rpcs) == 6 and "package inference;" in service
+    stub = pb_grpc.GRPCInferenceServiceStub(__import__("grpc").insecure_channel("127.0.0.1:1"))
+    assert all(hasattr(stub, rpc) for rpc in rpcs)
+    source = Path(pb_grpc.__file__).read_text()
+    assert all(f"'/inference.GRPCInferenceService/{rpc}'" in source for rpc in rpcs)
+    fields = {f.name: f.number for f in pb.ModelInferRequest.DESCRIPTOR.fields}
+    assert fields["raw_input_contents"] == 7 and fields["inputs"] == 5  # the wire format clients use
+
+
 # --- tritonclient against a real service --------------------------------------------------------------------
 
 
@@ -114,11 +135,6 @@ def service():
     svc = ServiceProcess().start()
     yield svc
     svc.stop()
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_bundle(DEFAULT_BUNDLE)
 
 
 @pytest.fixture(scope="module")
@@ -360,3 +376,21 @@ def test_protocol_requests_are_counted_by_endpoint(service, http, grpc_client):
         return now if ok else None
 
     assert wait_for(counted), "V2 requests were not counted within 60 s"
+
+
+@pytest.mark.integration
+def test_the_bench_protocol_loads_are_all_answered(service, tmp_path):
+    """`make bench`'s protocol comparison (loadtests/bench.py): every way in answers 200, briefly."""
+    import shutil
+
+    from loadtests.bench import WRK_LUA, grpc_closed_loop, protocol_bodies, run_wrk
+
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk not installed (apt-get install wrk; .ci/run installs it)")
+    for name, (path, headers, listing) in protocol_bodies(tmp_path).items():
+        lua = tmp_path / f"{name}.lua"
+        lua.write_text(WRK_LUA % {"list": listing, "path": path, "headers": headers})
+        row = run_wrk(service.base, 2, 1.0, lua)
+        assert row["requests"] > 0 and row["errors"] == 0, (name, row)
+    row = grpc_closed_loop(service.grpc_port, 2, 1.0)
+    assert row["requests"] > 0 and row["errors"] == 0, row

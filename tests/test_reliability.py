@@ -193,7 +193,8 @@ def test_the_inference_protocol_needs_the_token_too(service):
     x = httpclient.InferInput("image", [1], "BYTES")
     x.set_data_from_numpy(np.array([real_jpeg()], dtype=np.object_))
     http = httpclient.InferenceServerClient(service.base.removeprefix("http://"))
-    assert http.infer(model, [x], headers=AUTH).as_numpy("probabilities").shape == (1, 10)
+    # a copy: tritonclient adds its own headers to the dict it is given
+    assert http.infer(model, [x], headers=dict(AUTH)).as_numpy("probabilities").shape == (1, 10)
 
     g = grpcclient.InferenceServerClient(f"127.0.0.1:{service.grpc_port}")
     gx = grpcclient.InferInput("image", [1], "BYTES")
@@ -293,16 +294,23 @@ def test_loopback_host_keeps_ray_off_other_interfaces(service):
     metrics = [ip for ip, port, _ in sockets if port == service.metrics_port]
     assert metrics and all(is_loopback(ip) for ip in metrics), sockets
     exposed = [(ip, port, name) for ip, port, name in sockets if not is_loopback(ip)]
+    # Ray's fallback proxy binds its gRPC server on all interfaces whatever the host
+    # (ray/serve/_private/grpc_util.py: "[::]:{port}"); convserve puts it at port + 1500
+    # (service/server.py). README "Reliability and security" says so; --grpc-port 0 turns gRPC off.
+    fallback_grpc = service.port + 1500
     # Classify on the full command line: a long checkout path pushes "haproxy" far to the right.
     unexplained = [
         (ip, port, name[:200])
         for ip, port, name in exposed
         if not ("haproxy" in name and port in HAPROXY_ALL_INTERFACES)
         and not (name.startswith(REPLICA_PROCESS) and ip == "::")
+        and not (name.startswith("ray::ProxyActor") and port == fallback_grpc)
     ]
     assert not unexplained, f"listening on all interfaces: {unexplained}"
     replicas = [name for _, _, name in exposed if name.startswith(REPLICA_PROCESS)]
-    assert len(replicas) <= 1  # one inter-deployment gRPC port per replica, nothing more
+    # per replica: its inter-deployment gRPC port and, with gRPC on, its own gRPC server behind
+    # HAProxy (direct ingress; Ray binds both on "[::]"), nothing more
+    assert len(replicas) <= 2
     record("listening_sockets", {"total": len(sockets), "all_interfaces": exposed})
 
 
@@ -372,15 +380,22 @@ def test_a_burst_past_the_admission_limit_is_refused_fast_with_json_503(service)
 # Short variants of the slow tests below, on the shared service: seconds each, so that CI runs them.
 
 
-def test_a_client_timeout_header_gets_rays_text_408_quickly(service):
-    """Short variant of test_ray_timeout_and_backpressure_answers_are_text: a client's own
-    x-request-timeout-seconds, shorter than the work, is cut by Ray with its text 408."""
+def rays_408(svc) -> tuple[requests.Response, float]:
+    """A request of 64 photos with the client's own x-request-timeout-seconds of 0.3 s (Ray honours
+    it): the replica's deadline (request_timeout_s less 1 s) is far off, so Ray answers, in text."""
     body, content_type = _multipart([big_jpeg(i) for i in range(64)])
     started = time.monotonic()
-    slow = classify(service, body, content_type, headers={"x-request-timeout-seconds": "0.3"})
+    slow = classify(svc, body, content_type, headers={"x-request-timeout-seconds": "0.3"})
     took_s = time.monotonic() - started
     assert slow.status_code == 408, slow.text
     assert slow.headers["content-type"].startswith("text/plain")
+    return slow, took_s
+
+
+def test_a_client_timeout_header_gets_rays_text_408_quickly(service):
+    """Short variant of test_ray_timeout_and_backpressure_answers_are_text: a client's own
+    x-request-timeout-seconds, shorter than the work, is cut by Ray with its text 408."""
+    slow, took_s = rays_408(service)
     assert took_s < 5, took_s
     assert_healthy_with_auth(service)
 
@@ -715,13 +730,7 @@ def test_ray_timeout_and_backpressure_answers_are_text(fresh_service, tmp_path):
     """What Ray itself answers in HAProxy mode, documented in docs/reliability.md: not our JSON."""
     svc = fresh_service(CONVSERVE_ADMISSION_BATCHES="0")
     body, content_type = _multipart([big_jpeg(i) for i in range(64)])
-    # A client may set its own, shorter timeout (Ray honours x-request-timeout-seconds); the
-    # replica's own deadline (request_timeout_s 30 s less 1 s) is far off, so Ray answers.
-    started = time.monotonic()
-    slow = classify(svc, body, content_type, headers={"x-request-timeout-seconds": "0.3"})
-    took_s = time.monotonic() - started
-    assert slow.status_code == 408, slow.text
-    assert slow.headers["content-type"].startswith("text/plain")
+    slow, took_s = rays_408(svc)
     # Ray's text names the configured timeout (30.0s), not the one it applied
     assert re.fullmatch(r"Request \S+ timed out after [0-9.]+s\.", slow.text), slow.text
     assert took_s < 5, took_s
