@@ -82,6 +82,10 @@ def configure_ingress_env(ingress: str, binary: str | None, port: int) -> None:
         # Direct ingress waits 30 s by default before a replica stops, for load balancers in front
         # of many nodes to notice; one local node has none, and Ctrl-C should not take half a minute.
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+        # HAProxy's stats page and Prometheus exporter follow our port (Ray's 8404 and 9101 for port
+        # 8000), so that two HAProxy-mode services on one host do not clash on them.
+        os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(port + 404))
+        os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(port + 1101))
         # Ray's internal fallback proxy ports follow our port, so two servers on one host don't clash.
         os.environ.setdefault("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", str(port + 500))
         os.environ.setdefault("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", str(port + 1500))

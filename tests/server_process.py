@@ -21,13 +21,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port_block(span: int = 1600) -> int:
-    """A port p with p, p+500 and p+1500 free (Ray's fallback proxy ports follow ours)."""
+    """A port p with p and the ports that follow it free: HAProxy's stats (p+404) and metrics
+    (p+1101), Ray's fallback proxy (p+500, p+1500); service/server.py sets them."""
     for _ in range(50):
         port = free_port()
-        if port + span > 65000 or in_ray_ingress_range(port + 500) or in_ray_ingress_range(port + 1500):
+        if port + span > 65000 or any(in_ray_ingress_range(port + k) for k in (404, 500, 1101, 1500)):
             continue
         ok = True
-        for p in (port, port + 500, port + 1500):
+        for p in (port, port + 404, port + 500, port + 1101, port + 1500):
             with socket.socket() as s:
                 try:
                     s.bind(("0.0.0.0", p))

@@ -54,9 +54,8 @@ def chromium_path() -> str:
 
 @pytest.fixture(scope="module")
 def service(chromium_path):
-    # Ray's Python proxy: Ray's HAProxy ingress binds fixed stats and metrics ports (8404, 9101), so
-    # it cannot run beside another test's service; the page and its requests are the same either way.
-    svc = ServiceProcess("--ingress", "proxy", env={"CONVSERVE_AUTH_TOKEN": TOKEN}).start()
+    # The default ingress (HAProxy where a binary exists), as `make serve` runs it.
+    svc = ServiceProcess(env={"CONVSERVE_AUTH_TOKEN": TOKEN}).start()
     yield svc
     svc.stop()
 

@@ -265,10 +265,9 @@ def test_schemathesis_finds_no_server_errors(service, tmp_path):
 # Ray cannot bind these to loopback (docs/reliability.md): HAProxy's stats and Prometheus frontends
 # (Ray's HAProxy config template writes `bind *:PORT`), and each replica's inter-deployment gRPC
 # server (ray/serve/_private/replica.py binds "[::]:0").
-HAPROXY_ALL_INTERFACES = {
-    int(os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", 8404)),
-    int(os.environ.get("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)),
-}
+def haproxy_all_interfaces(svc) -> set[int]:
+    """HAProxy's stats and metrics ports: they follow the service's port (service/server.py)."""
+    return {svc.port + 404, svc.port + 1101}
 
 
 def listening(svc) -> list[tuple[str, int, str]]:
@@ -302,7 +301,7 @@ def test_loopback_host_keeps_ray_off_other_interfaces(service):
     unexplained = [
         (ip, port, name[:200])
         for ip, port, name in exposed
-        if not ("haproxy" in name and port in HAPROXY_ALL_INTERFACES)
+        if not ("haproxy" in name and port in haproxy_all_interfaces(service))
         and not (name.startswith(REPLICA_PROCESS) and ip == "::")
         and not (name.startswith("ray::ProxyActor") and port == fallback_grpc)
     ]
