@@ -262,6 +262,7 @@ def test_schemathesis_finds_no_server_errors(service, tmp_path):
 
 # --- what listens where --------------------------------------------------------------------------------------
 
+
 # Ray cannot bind these to loopback (docs/reliability.md): HAProxy's stats and Prometheus frontends
 # (Ray's HAProxy config template writes `bind *:PORT`), and each replica's inter-deployment gRPC
 # server (ray/serve/_private/replica.py binds "[::]:0").
