@@ -45,8 +45,8 @@ from service.middleware import (
     admission_limit,
     count_refusals_with,
     count_refused,
+    error_body,
     grpc_token,
-    is_v2,
     resize_admission,
     resolve_auth_token,
 )
@@ -112,10 +112,7 @@ def json_response(obj: dict, status: int = 200, headers: dict[str, str] | None =
 
 
 def error_response(request: Request, status: int, code: str, message: str, headers=None) -> Response:
-    """convserve's `{"error": {"code", "message"}}`, or on /v2/* the Open Inference Protocol's
-    `{"error": "<message>"}`."""
-    error = message if is_v2(request.url.path) else {"code": code, "message": message}
-    return json_response({"error": error}, status, headers)
+    return json_response(error_body(request.url.path, code, message), status, headers)
 
 
 @api.exception_handler(ApiError)
@@ -534,15 +531,10 @@ class ConvServe:
         started, deadline, status = time.perf_counter(), self._deadline(), 500
         try:
             self._v2_model(model_name, model_version)
-            try:
-                body = await read_body(request, self.config.limits.max_body_bytes)
-            except ApiError as e:
-                raise OipError(e.status, e.message) from None
+            # an ApiError (413 body, 504 deadline) is answered in the protocol's shape on /v2 too (error_response)
+            body = await read_body(request, self.config.limits.max_body_bytes)
             req = oip.parse_http(body, request.headers.get(oip.HEADER_LENGTH))
-            try:
-                tensors, results = await self._v2_infer(req, deadline)
-            except ApiError as e:  # a 504 deadline, say
-                raise OipError(e.status, e.message) from None
+            tensors, results = await self._v2_infer(req, deadline)
             binary = {o.name: o.binary for o in req.outputs} if req.outputs else {}
             payload, headers = oip.encode_http(
                 self.bundle.name,
@@ -552,17 +544,28 @@ class ConvServe:
             )
             status = 200
             return Response(payload, headers={**headers, **self._headers(results, started)})
-        except OipError as e:
+        except (OipError, ApiError) as e:
             status = e.status
             raise
         finally:
             self.metrics.request_finished("v2/infer", status, time.perf_counter() - started)
 
+    V2_SERVER = {
+        "name": "convserve",
+        "version": api.version,
+        "extensions": ["binary_tensor_data", "classification", "statistics"],
+    }
+
+    def _v2_model_metadata(self, name: str, version: str | None) -> dict:
+        self._v2_model(name, version)
+        b = self.bundle
+        layers = [{"name": info.name, "shape": list(info.shape)} for info in b.layers]
+        return oip.model_metadata(b.name, b.version, b.preprocess.input_size, len(b.labels), layers)
+
     @api.get("/v2", tags=["v2"])
     async def v2_server(self) -> Response:
         """Server metadata."""
-        extensions = ["binary_tensor_data", "classification", "statistics"]
-        return json_response({"name": "convserve", "version": api.version, "extensions": extensions})
+        return json_response(self.V2_SERVER)
 
     @api.get("/v2/health/live", tags=["v2"])
     async def v2_live(self) -> Response:
@@ -577,10 +580,7 @@ class ConvServe:
     @api.get("/v2/models/{model_name}/versions/{model_version}", tags=["v2"])
     async def v2_model(self, model_name: str, model_version: str | None = None) -> Response:
         """Model metadata: the inputs (one of two forms) and the outputs, every named layer included."""
-        self._v2_model(model_name, model_version)
-        layers = [{"name": info.name, "shape": list(info.shape)} for info in self.bundle.layers]
-        b = self.bundle
-        return json_response(oip.model_metadata(b.name, b.version, b.preprocess.input_size, len(b.labels), layers))
+        return json_response(self._v2_model_metadata(model_name, model_version))
 
     @api.get("/v2/models/{model_name}/ready", tags=["v2"])
     @api.get("/v2/models/{model_name}/versions/{model_version}/ready", tags=["v2"])
@@ -657,20 +657,19 @@ class ConvServe:
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, grpc_context=None) -> pb.ServerMetadataResponse:
         if not self._grpc_authorized(grpc_context, "grpc/metadata"):
             return pb.ServerMetadataResponse()
-        doc = orjson.loads((await self.v2_server()).body)
-        return pb.ServerMetadataResponse(name=doc["name"], version=doc["version"], extensions=doc["extensions"])
+        return pb.ServerMetadataResponse(**self.V2_SERVER)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, grpc_context=None) -> pb.ModelMetadataResponse:
         if not self._grpc_authorized(grpc_context, "grpc/metadata"):
             return pb.ModelMetadataResponse()
         try:
-            response = await self.v2_model(request.name, request.version or None)
+            doc = self._v2_model_metadata(request.name, request.version or None)
         except OipError as e:
             self._grpc_refused(
                 grpc_context, GRPC_STATUS.get(e.status, grpc.StatusCode.INTERNAL), e.message, "grpc/metadata"
             )
             return pb.ModelMetadataResponse()
-        return oip_grpc.model_metadata(orjson.loads(response.body))
+        return oip_grpc.model_metadata(doc)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context=None) -> pb.ModelInferResponse:
         """The same batcher and model as HTTP; admission control and auth as for HTTP."""

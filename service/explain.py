@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import math
 import threading
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from PIL import Image
 from torch import nn
 
 from model.layers import LayerInfo
+
+log = logging.getLogger(__name__)
 
 KERNEL_TILE_MIN_PX = 24  # upscale small kernels so one is at least this many pixels across
 GAP_PX = 2
@@ -109,7 +112,9 @@ def output_activation(layer: nn.Module, conv: nn.Conv2d) -> str | None:
     x = x.to(conv.weight.device, conv.weight.dtype)
     try:
         out = layer(x)
-    except (RuntimeError, TypeError, ValueError):
+    except (RuntimeError, TypeError, ValueError) as e:  # the layer takes more than this conv's input
+        log.info("layer_output unknown: %s does not run on a probe of its first conv's input (%s: %s)",
+                 type(layer).__name__, type(e).__name__, e)  # fmt: skip
         return None
     pre = conv(x)
     if not isinstance(out, torch.Tensor) or out.shape != pre.shape:

@@ -51,6 +51,12 @@ def is_v2(path: str) -> bool:
     return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
 
 
+def error_body(path: str, code: str, message: str) -> dict:
+    """convserve's `{"error": {"code", "message"}}`, or on /v2/* the Open Inference Protocol's
+    `{"error": "<message>"}`: one rule for the middlewares and the app's error handlers."""
+    return {"error": message if is_v2(path) else {"code": code, "message": message}}
+
+
 def is_protected(path: str) -> bool:
     """/v1/*, and /v2 except the protocol's health routes (probes carry no token)."""
     return path.startswith(PROTECTED_PREFIX) or (is_v2(path) and not path.startswith("/v2/health/"))
@@ -221,8 +227,7 @@ def replica_max_ongoing_requests() -> int:
 
 
 async def _send_error(scope, send, status: int, code: str, message: str, headers: dict[str, str]) -> None:
-    error = message if is_v2(scope["path"]) else {"code": code, "message": message}  # the protocol's shape
-    body = orjson.dumps({"error": error})
+    body = orjson.dumps(error_body(scope["path"], code, message))
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
