@@ -67,7 +67,9 @@ class EvalPreset:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [3, S, S] or [N, 3, S, S] at model size -> float32, scaled and standardised."""
         # `.float()` returns a float input itself, so divide out of place: never modify the caller's tensor.
-        return (images.float() / 255.0 - self._mean).mul_(self._inv_std)
+        # The statistics follow the images to their device (a batch normalised on the GPU).
+        mean, inv_std = self._mean.to(images.device), self._inv_std.to(images.device)
+        return (images.float() / 255.0 - mean).mul_(inv_std)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """One image or a batch [N, C, H, W] -> float32 [3, S, S] or [N, 3, S, S]."""

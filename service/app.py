@@ -19,11 +19,13 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model import DEFAULT_BUNDLE, load_bundle
 from service import oip, oip_grpc
-from service.config import MAX_BATCH_SIZE_LIMIT, MAX_FORWARD_LANES, BatchingConfig, ServeConfig
+from service.batcher import ModelBatcher
+from service.config import MAX_BATCH_SIZE_LIMIT, BatchingConfig, ServeConfig
 from service.decode import decode_image_bytes
 from service.errors import ApiError, bad_request, not_found, timed_out
 from service.explain import (
@@ -38,7 +40,7 @@ from service.explain import (
 from service.explain import explain as explain_image
 from service.featuremaps import layer_json, to_npy, to_png_grid
 from service.inputs import RAW_IMAGE_TYPES, ImageRequest, parse_top_k, read_body, read_images, single_image
-from service.lanes import ForwardLanes, default_lanes
+from service.lanes import ForwardLanes
 from service.metrics import ServiceMetrics
 from service.middleware import (
     admission_gate,
@@ -52,23 +54,21 @@ from service.middleware import (
 )
 from service.middleware import configure as configure_middleware
 from service.middleware import install as install_middleware
+from service.model_app import ConvModel, RemoteModel
 from service.oip import OipError
 from service.oip_grpc import GRPC_STATUS
 from service.oip_proto import open_inference_pb2 as pb
-from service.pacing import ForwardPacer
 from service.page import index_html, static_file
 from service.predictor import (
     BatchedPredictor,
     ItemError,
     ItemResult,
     WorkItem,
-    default_warmup_sizes,
     keep_large_allocations,
 )
 
 log = logging.getLogger("convserve")
 
-PACING_MARGIN_S = 0.003  # the next batch is handed over this long before the forward thread is free
 # The replica answers 504 JSON this long before the ingress's request_timeout_s would cut the
 # connection with a bare 408/504 of its own.
 TIMEOUT_MARGIN_S = 1.0
@@ -149,43 +149,34 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 @serve.deployment(name="ConvServe", max_ongoing_requests=256, max_queued_requests=512)
 @serve.ingress(api)
 class ConvServe:
-    def __init__(self, config: dict | None = None):
+    def __init__(self, config: dict | None = None, model: DeploymentHandle | None = None):
+        """`model`: the split topology's model deployment (service/model_app.py); None: fused,
+        this replica batches and computes itself."""
         self.config = ServeConfig.from_env(config)
         configure_middleware(self.config)
-        if self.config.torch_threads:
+        if self.config.torch_threads and model is None:
             torch.set_num_threads(self.config.torch_threads)
         keep_large_allocations()  # the forward thread reuses activation memory (service/predictor.py)
         self.bundle = load_bundle(self.config.bundle_path or DEFAULT_BUNDLE)
-        self.predictor = BatchedPredictor(
-            self.bundle, self.config.device, self.config.amp_dtype, self.config.channels_last
-        )
         self.layer_names = [info.name for info in self.bundle.layers]
-        self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, self.predictor.device.type)
+        if model is None:
+            self.predictor = BatchedPredictor(
+                self.bundle, self.config.device, self.config.amp_dtype, self.config.channels_last
+            )
+            self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, self.predictor.device.type)
+            self.batcher = ModelBatcher(self.config, self.bundle, self.metrics, self.predictor)
+            self.lanes = self.batcher.lanes  # /v1/explain's pass runs on them too
+            self.remote = None
+        else:
+            # The ingress keeps a CPU copy of the model for what is not batched: /v1/kernels reads
+            # its weights, /v1/explain runs one guarded pass on it (on one thread of this replica).
+            self.predictor = BatchedPredictor(self.bundle, "cpu", "off", self.config.channels_last)
+            self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, "cpu")
+            self.batcher = None
+            self.lanes = ForwardLanes(1, 1)
+            self.remote = RemoteModel(model, self.config.batching.max_batch_size)
         count_refusals_with(self.metrics.count_answer)  # 401/503/400 answered before a route
-        # Forward lanes: batches compute side by side on their share of the cores, while the event
-        # loop keeps decoding (service/lanes.py).
-        threads = self.config.torch_threads or torch.get_num_threads()
-        lanes = self.config.forward_lanes or default_lanes(self.predictor.device.type, threads)
-        self.lanes = ForwardLanes(lanes, threads)
-        sizes = self.config.warmup_batch_sizes or default_warmup_sizes(
-            self.config.batching.max_batch_size, every_size=self.predictor.device.type == "cuda"
-        )
-        # Warm up on the lanes themselves, with each thread count they will use: OpenMP keeps a
-        # thread team per OS thread, and a team created elsewhere (here, the constructor's) slowed
-        # the forward thread's 32-image pass by about 5% (`python -m loadtests.microbench threads`).
-        # The first pass per size pays one-time costs; the second is timed, lanes side by side.
-        for n in sorted({self.lanes.torch_threads, self.lanes.shared_threads}):
-            self.lanes.on_every_lane(lambda: self.predictor.warmup(sizes), threads=n)
-        timings = self.lanes.on_every_lane(lambda: self.predictor.warmup(sizes), threads=self.lanes.shared_threads)[0]
-        log.info(
-            "warm-up done on %s, %d lane(s): %s",
-            self.predictor.device,
-            lanes,
-            {k: round(v, 4) for k, v in timings.items()},
-        )
-        # Holds requests while every lane is busy, and lets them form the next batch just before
-        # one is free (service/pacing.py).
-        self.pacer = ForwardPacer(PACING_MARGIN_S, seed_durations_s=timings, lanes=lanes)
+        self._model_device = None if self.remote else self.predictor.device.type
         self._apply_batching(self.config.batching)
         self.ready = True
 
@@ -198,50 +189,23 @@ class ConvServe:
         self._apply_batching(batching)
 
     def _apply_batching(self, batching: BatchingConfig) -> None:
-        self._batched.set_max_batch_size(batching.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
-        self._waiting_alone = False
+        if self.batcher is not None:
+            self.batcher.apply(batching)
+        else:
+            self.remote.resize(batching.max_batch_size)  # a group is at most one batch of items
         resize_admission(batching.max_batch_size)
-        # The gate opens this long before the forward thread is free: the batch wait, plus a margin
-        # for the event loop to hand the batch over.
-        self.pacer.lead_s = batching.batch_wait_timeout_s + PACING_MARGIN_S
-
-    def _set_batch_wait(self, alone: bool) -> None:
-        """No wait for company when no other request is in this replica: none can join the batch
-        in time (a closed-loop client waits for this answer first), so the wait would be pure
-        latency. Ray reads the timeout when a batch's first item arrives, so setting it just
-        before enqueueing applies to that batch."""
-        if alone != self._waiting_alone:
-            self._waiting_alone = alone
-            self._batched.set_batch_wait_timeout_s(0.0 if alone else self.config.batching.batch_wait_timeout_s)
 
     async def check_health(self) -> None:
-        """A tiny forward pass on a lane (never blocking the event loop); raises if the model no
-        longer gives valid scores, and Ray replaces the replica after repeated failures."""
-        await asyncio.wait_for(asyncio.wrap_future(self.lanes.submit(self.predictor.check_health)), 25)
+        """Fused: a tiny forward pass (ModelBatcher.check_health). Split: the model deployment has
+        its own health check; this replica's event loop answering is its health."""
+        if self.batcher is not None:
+            await self.batcher.check_health()
 
-    # Up to one batch per lane computing, and the next already queued in the lanes' pool, so that
-    # it starts the moment a lane is free (service/pacing.py gates how many actually form).
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.004, max_concurrent_batches=MAX_FORWARD_LANES + 1)
-    async def _batched(self, items: list[WorkItem]) -> list[ItemResult | ItemError]:
-        token = self.pacer.submitted(len(items))
-        seconds = None
-        try:
-            results, started, seconds = await asyncio.wrap_future(self.lanes.submit(self._timed_predict, items))
-        finally:
-            self.pacer.finished(token, seconds)
-        inference_s = next((r.inference_s for r in results if isinstance(r, ItemResult)), 0.0)
-        waits = [started - i.enqueued_at for i in items]
-        for r, wait in zip(results, waits, strict=True):
-            if isinstance(r, ItemResult):
-                r.queue_s = wait
-        self.metrics.batch_done(len(items), inference_s, waits)
-        return results
-
-    def _timed_predict(self, items: list[WorkItem]) -> tuple[list[ItemResult | ItemError], float, float]:
-        started = time.perf_counter()
-        results = self.predictor.predict(items)
-        return results, started, time.perf_counter() - started
+    async def model_device(self) -> str:
+        """Where the forward pass runs: this replica's device, or the model deployment's."""
+        if self._model_device is None:
+            self._model_device = (await self.remote.handle.describe.remote())["device"]
+        return self._model_device
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -252,7 +216,7 @@ class ConvServe:
         start = time.perf_counter()
         try:
             image = decode_image_bytes(data, self.config.limits.max_image_pixels)
-            tensor = self.bundle.preprocess(image)
+            tensor = self.bundle.preprocess.to_model_size(image)  # uint8: the model's side normalises
         except ApiError as e:
             return ItemError(e.code, e.message, e.status)
         except Exception:  # noqa: BLE001 - not a bad image (decode.BAD_IMAGE_ERRORS are 400s): a bug of ours
@@ -287,16 +251,21 @@ class ConvServe:
     async def _run(self, prepared: list[WorkItem | ItemError], deadline: float) -> list[ItemResult | ItemError]:
         """Batch the prepared items; 504 `timeout` past `deadline` (time.perf_counter()).
 
-        On timeout the waiting callers are cancelled, and Ray drops cancelled callers from a batch
-        before it runs, so work already answered 504 is not computed."""
+        Fused: on timeout the waiting callers are cancelled, and Ray drops cancelled callers from a
+        batch before it runs. Split: the items carry the deadline to the model replica, which skips
+        what expired while it queued."""
         work = [p for p in prepared if isinstance(p, WorkItem)]
+        budget_s = max(0.0, deadline - time.perf_counter())
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
-                await self.pacer.wait_turn()  # join the next batch, not a batch of one (service/pacing.py)
-                self._set_batch_wait(alone=self.pacer.idle and self.metrics.inflight == 1)
-                results = await asyncio.gather(*(self._batched(w) for w in work))
+            async with asyncio.timeout(budget_s):
+                if self.batcher is not None:
+                    results = await self.batcher.run(work, others_coming=self.metrics.inflight > 1)
+                else:
+                    results = await self.remote.run(work, budget_s)
         except TimeoutError:
             raise self._timeout_error() from None
+        if any(isinstance(r, ItemError) and r.status == 504 for r in results):
+            raise self._timeout_error()  # expired in the model replica's queue
         done = iter(results)
         return [next(done) if isinstance(p, WorkItem) else p for p in prepared]
 
@@ -434,9 +403,12 @@ class ConvServe:
                 "layers": [info.to_dict() for info in b.layers],
                 "weights_sha256": b.weights_sha256,
                 "accuracy": {k: v for k, v in metrics.items() if "top1" in k},
-                "device": self.predictor.device.type,
+                "device": await self.model_device(),
+                "topology": self.config.topology,
                 "batching": self.config.batching.model_dump(),
                 "admission_limit": admission_limit(),  # follows max_batch_size (service/middleware.py)
+                # split: one model replica's counters (the handle picks the replica)
+                **({"model_replica": await self.remote.handle.describe.remote()} if self.remote else {}),
             }
         )
 
@@ -492,7 +464,7 @@ class ConvServe:
             now = time.perf_counter()
             prepared = [
                 WorkItem(
-                    image=self.bundle.preprocess(torch.from_numpy(a.copy()))
+                    image=self.bundle.preprocess.to_model_size(torch.from_numpy(a.copy()))
                     if x.datatype == "UINT8"
                     else torch.from_numpy(a.copy()),
                     top_k=num_classes,
@@ -795,14 +767,13 @@ class ConvServe:
             if isinstance(prepared, ItemError):
                 raise ApiError(prepared.status, prepared.code, prepared.message)
             layers = self.bundle.layers
+            image = self.bundle.preprocess.normalize(prepared.image)  # what the model sees
             try:
                 async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
-                    result = await asyncio.wrap_future(
-                        self.lanes.submit(explain_image, model, prepared.image, layers, block)
-                    )
+                    result = await asyncio.wrap_future(self.lanes.submit(explain_image, model, image, layers, block))
             except TimeoutError:
                 raise self._timeout_error() from None
-            body = explanation_json(result, prepared.image, layers, self.bundle.labels, k, self.bundle.preprocess)
+            body = explanation_json(result, image, layers, self.bundle.labels, k, self.bundle.preprocess)
             total_ms = 1000 * (time.perf_counter() - started)
             status = 200
             return json_response(
@@ -820,8 +791,11 @@ def build_app(args: dict) -> serve.Application:
     return build_app_with_options(args)
 
 
-def build_app_with_options(args: dict | None = None, options: dict | None = None) -> serve.Application:
-    """The application with deployment `options` (see service/serve_config.py), for `make serve`.
+def build_app_with_options(
+    args: dict | None = None, options: dict | None = None, model_options: dict | None = None
+) -> serve.Application:
+    """The application with deployment `options` (see service/serve_config.py), for `make serve`;
+    `model_options` for the split topology's ConvModel deployment.
 
     Under `serve deploy` / KubeRay, Ray applies the config file's `deployments` section itself.
     """
@@ -833,7 +807,11 @@ def build_app_with_options(args: dict | None = None, options: dict | None = None
     # tests/test_serving.py (test_a_user_config_redeploy_reconfigures_the_running_replica) checks
     # that the replica is reconfigured in place, so a Ray that stops honouring it fails the tests.
     deployment._version = code_version(config)
-    return deployment.bind(config.model_dump())
+    if config.topology == "fused":
+        return deployment.bind(config.model_dump())
+    model = ConvModel.options(**(model_options or {}))
+    model._version = deployment._version
+    return deployment.bind(config.model_dump(), model.bind(config.model_dump()))
 
 
 def code_version(config: ServeConfig) -> str:

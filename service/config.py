@@ -54,6 +54,13 @@ class BatchingConfig(BaseModel):
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # Topology (service/model_app.py): `fused`, one deployment does HTTP, decode, batching and the
+    # forward pass; `split`, CPU ingress replicas decode and hand uint8 tensors through a
+    # DeploymentHandle to a model deployment that batches across all of them (for GPUs).
+    topology: Literal["fused", "split"] = Field(
+        "fused", description="fused: one deployment; split: ingress deployment + model deployment (ConvModel)"
+    )
+
     # The model
     bundle_path: str | None = Field(None, description="bundle directory; None = the embedded default model")
     device: Literal["auto", "cpu", "cuda"] = "auto"

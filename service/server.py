@@ -24,6 +24,7 @@ import time
 from service.config import ServeConfig
 from service.serve_config import (
     DEFAULT_SERVE_CONFIG,
+    MODEL,
     app_entry,
     deployment_entry,
     deployment_options,
@@ -199,12 +200,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--grpc-port", type=int, default=None, help="Open Inference Protocol gRPC port (default: 9000; 0: off)"
     )
     p.add_argument("--ingress", choices=["auto", "proxy", "haproxy"], default=None, help="(default: auto)")
+    p.add_argument(
+        "--topology",
+        choices=["fused", "split"],
+        default=None,
+        help="fused: one deployment; split: ingress replicas + a model deployment (default: the file's)",
+    )
     p.add_argument("--serve-config", default=str(DEFAULT_SERVE_CONFIG), help="Serve config file (default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help="show Ray's and HAProxy's logs live (default: to a file)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may use (default: all)")
-    p.add_argument("--replicas", type=int, default=None, help="fixed replica count (default: the file's autoscaling)")
-    p.add_argument("--replica-cpus", type=float, default=None, help="CPUs per replica (default: the file's)")
-    p.add_argument("--replica-gpus", type=float, default=None, help="GPUs per replica, fractions allowed")
+    p.add_argument(
+        "--replicas", type=int, default=None, help="fixed (ingress) replica count (default: the file's autoscaling)"
+    )
+    p.add_argument("--replica-cpus", type=float, default=None, help="CPUs per (ingress) replica (default: the file's)")
+    p.add_argument(
+        "--replica-gpus", type=float, default=None, help="GPUs per replica (split: per model replica), fractions"
+    )
+    p.add_argument("--model-replicas", type=int, default=None, help="split: fixed model replica count")
+    p.add_argument("--model-cpus", type=float, default=None, help="split: CPUs per model replica")
     return p.parse_args(argv)
 
 
@@ -218,6 +231,7 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
         "metrics_export_port": a.metrics_port,
         "grpc_port": a.grpc_port,
         "ingress": a.ingress,
+        "topology": a.topology,
     }
     args = {**(app_entry(doc).get("args") or {})}
     args.setdefault("batching", deployment_entry(doc).get("user_config") or {})
@@ -228,14 +242,29 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
 
 
 def options_from_args(a: argparse.Namespace, config: ServeConfig) -> dict:
-    overrides = {"num_replicas": a.replicas, "num_cpus": a.replica_cpus, "num_gpus": a.replica_gpus}
+    """ConvServe's options: the fused replica, or the split topology's ingress (which needs no GPU)."""
+    split = config.topology == "split"
+    overrides = {"num_replicas": a.replicas, "num_cpus": a.replica_cpus, "num_gpus": None if split else a.replica_gpus}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     # The file's user_config with CONVSERVE_MAX_BATCH_SIZE / _BATCH_WAIT_TIMEOUT_S applied.
     overrides["user_config"] = config.batching.model_dump()
     return deployment_options(load_serve_config(a.serve_config), overrides)
 
 
-def serve_forever(config: ServeConfig, options: dict, num_cpus: float | None = None) -> int:
+def model_options_from_args(a: argparse.Namespace, config: ServeConfig) -> dict | None:
+    """The split topology's ConvModel options (None when fused): the file's entry, if any, the
+    flags, and the same batching as the ingress (one user_config for both levels)."""
+    if config.topology != "split":
+        return None
+    overrides = {"num_replicas": a.model_replicas, "num_cpus": a.model_cpus, "num_gpus": a.replica_gpus}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides["user_config"] = config.batching.model_dump()
+    return deployment_options(load_serve_config(a.serve_config), overrides, name=MODEL)
+
+
+def serve_forever(
+    config: ServeConfig, options: dict, num_cpus: float | None = None, model_options: dict | None = None
+) -> int:
     ingress, binary = resolve_ingress(config.ingress)
     configure_ingress_env(ingress, binary, config.port)
     configure_loopback_env(config.host)
@@ -279,7 +308,10 @@ def serve_forever(config: ServeConfig, options: dict, num_cpus: float | None = N
             else None,
         )
         serve.run(
-            build_app_with_options(config.model_dump(), options), name="convserve", route_prefix="/", blocking=False
+            build_app_with_options(config.model_dump(), options, model_options),
+            name="convserve",
+            route_prefix="/",
+            blocking=False,
         )
         where = f"http://{config.host}:{config.port}"
         print(
@@ -345,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # pydantic's ValidationError included: a bad setting, not a crash
         raise SystemExit(f"convserve: invalid configuration: {e}") from None
     preflight(config)
-    return serve_forever(config, options_from_args(a, config), a.num_cpus)
+    return serve_forever(config, options_from_args(a, config), a.num_cpus, model_options_from_args(a, config))
 
 
 if __name__ == "__main__":

@@ -170,6 +170,31 @@ def test_every_layer_has_the_shape_the_bundle_describes(predictor, tiny_bundle, 
         assert result.predictions[0].score == pytest.approx(probs.max().item(), abs=1e-5)
 
 
+def test_uint8_items_are_normalised_by_the_predictor_alone_or_mixed_with_float_items(
+    predictor, sample_dir, tiny_bundle
+):
+    """What the ingress hands over is uint8 at model size (a quarter of float32's bytes); the
+    predictor normalises it, a batch at a time: same answers as the float32 item, and a batch
+    that mixes both (a V2 FP32 input next to decoded images) too."""
+    jpegs = _fixture_jpegs(sample_dir, 4)
+    raw = [tiny_bundle.preprocess.to_model_size(decode_image_bytes(data, 10**6)) for data in jpegs]
+    assert all(x.dtype == torch.uint8 for x in raw)
+    floats = [tiny_bundle.preprocess.normalize(x) for x in raw]
+    want = [_single(predictor, WorkItem(x, top_k=3, layers=("stage1",))) for x in floats]
+    all_uint8 = predictor.predict([WorkItem(x, top_k=3, layers=("stage1",)) for x in raw])
+    mixed = predictor.predict(
+        [
+            WorkItem(x if i % 2 else f, top_k=3, layers=("stage1",))
+            for i, (x, f) in enumerate(zip(raw, floats, strict=True))
+        ]
+    )
+    for got in (all_uint8, mixed):
+        for result, expected in zip(got, want, strict=True):
+            assert isinstance(result, ItemResult) and result.batch_size == 4
+            _assert_same_predictions(result, expected)
+            _assert_same_maps(result, expected)
+
+
 #############################################
 #                 Bad items                 #
 #############################################
@@ -182,7 +207,8 @@ def test_every_layer_has_the_shape_the_bundle_describes(predictor, tiny_bundle, 
         pytest.param(torch.zeros(3, 32, 32, dtype=torch.float64), id="float64"),
         pytest.param(torch.zeros(32, 32, 3), id="channels-last-layout"),
         pytest.param(torch.zeros(1, 3, 32, 32), id="batched"),
-        pytest.param(torch.zeros(3, 32, 32, dtype=torch.uint8), id="uint8"),
+        pytest.param(torch.zeros(3, 32, 32, dtype=torch.int16), id="int16"),
+        pytest.param(torch.zeros(3, 31, 31, dtype=torch.uint8), id="uint8-wrong-size"),
     ],
 )
 def test_a_bad_item_fails_alone(predictor, images, bad):

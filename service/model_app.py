@@ -1,0 +1,99 @@
+"""The `split` topology's model deployment, and the ingress's client for it.
+
+`topology: split` (service/config.py) runs two deployments in one application:
+
+    HTTP/gRPC -> ConvServe (ingress: routes, auth, admission, body limits, decode, resize to the
+                 model's size; CPU only, as many replicas as the decode needs)
+              -> DeploymentHandle -> ConvModel (ModelBatcher: @serve.batch, pacing, the forward
+                 pass; one replica per GPU, or a fraction of one)
+
+What travels is what the model needs: uint8 [3, S, S] tensors (3 KB for a CIFAR image; objects
+under 100 KiB go inline in Ray's RPC), never a float copy four times larger. Each ingress
+replica groups its requests' items into one call (service/grouping.py); the model replica's
+`@serve.batch` groups the calls of every ingress replica into forward passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from ray import serve
+
+from model import DEFAULT_BUNDLE, load_bundle
+from service.batcher import ModelBatcher
+from service.config import MAX_BATCH_SIZE_LIMIT, BatchingConfig, ServeConfig
+from service.grouping import Grouper
+from service.metrics import ServiceMetrics
+from service.predictor import BatchedPredictor, ItemError, ItemResult, WorkItem, keep_large_allocations
+
+log = logging.getLogger("convserve")
+
+# How long an ingress replica's group of items waits for company while a call is in flight.
+GROUP_WAIT_S = 0.002
+
+
+# Defaults for a bare `serve run`; the Serve config's `deployments` entry named ConvModel sets the real ones.
+@serve.deployment(name="ConvModel", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+class ConvModel:
+    def __init__(self, config: dict | None = None):
+        self.config = ServeConfig.from_env(config)
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
+        keep_large_allocations()  # the forward thread reuses activation memory (service/predictor.py)
+        self.bundle = load_bundle(self.config.bundle_path or DEFAULT_BUNDLE)
+        predictor = BatchedPredictor(self.bundle, self.config.device, self.config.amp_dtype, self.config.channels_last)
+        self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, predictor.device.type)
+        self.batcher = ModelBatcher(self.config, self.bundle, self.metrics, predictor)
+        self.calls = 0  # infer() calls and the items they carried: what the ingress's grouping saves
+        self.items = 0
+
+    def reconfigure(self, user_config: dict) -> None:
+        batching = BatchingConfig.model_validate({**self.config.batching.model_dump(), **(user_config or {})})
+        self.config = self.config.model_copy(update={"batching": batching})
+        self.batcher.apply(batching)
+
+    async def check_health(self) -> None:
+        await self.batcher.check_health()
+
+    async def infer(self, items: list[WorkItem]) -> list[ItemResult | ItemError]:
+        """One result per item; items from any number of requests and ingress replicas."""
+        self.calls += 1
+        self.items += len(items)
+        now = time.perf_counter()
+        for item in items:
+            item.enqueued_at = now  # the ingress's perf_counter means nothing in this process
+        return await self.batcher.run(items)
+
+    async def describe(self) -> dict:
+        """What the ingress reports about the model (GET /v1/model): where it runs, and what this
+        replica received (calls, items) and computed (batches, images)."""
+        t = self.metrics.totals
+        return {
+            "device": self.batcher.predictor.device.type,
+            "calls": self.calls,
+            "items": self.items,
+            "batches": t["batches"],
+            "images": t["images"],
+        }
+
+
+class RemoteModel:
+    """The ingress's side: `run(items, deadline_s)` through a Grouper and the handle."""
+
+    def __init__(self, handle, max_items: int, wait_s: float = GROUP_WAIT_S):
+        self.handle = handle
+        self.grouper: Grouper[WorkItem, ItemResult | ItemError] = Grouper(self._send, max_items, wait_s)
+
+    async def _send(self, items: list[WorkItem]) -> list[ItemResult | ItemError]:
+        return await self.handle.infer.remote(items)
+
+    async def run(self, work: list[WorkItem], budget_s: float) -> list[ItemResult | ItemError]:
+        expires_at = time.time() + budget_s
+        for item in work:
+            item.expires_at = expires_at  # the model replica skips it if it queues past this
+        return await self.grouper.submit(work)
+
+    def resize(self, max_items: int) -> None:
+        self.grouper.max_items = max(1, max_items)

@@ -1,0 +1,127 @@
+"""Integration: the `split` topology (service/model_app.py), the real `python -m service --topology split`.
+
+An ingress deployment (routes, decode) hands uint8 tensors through a DeploymentHandle to a model
+deployment that batches across every ingress replica. The contract is the fused one's: the tests
+imported from test_serving.py run here again against this module's split service.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.server_process import ServiceProcess
+from tests.test_reliability import big_jpeg
+from tests.test_serving import (  # noqa: F401 - the fused contract, collected again against the split service
+    classify,
+    fixture_jpegs,
+    model_info,
+    test_classify_large_photo_is_resized,
+    test_classify_raw_jpeg,
+    test_client_errors_are_json_with_fitting_status,
+    test_concurrent_requests_share_a_batch,
+    test_feature_maps_errors,
+    test_feature_maps_json_all_layers,
+    test_feature_maps_values_npy_png,
+    test_json_base64_with_top_k_and_invalid_entry,
+    test_multipart_results_in_order_with_a_bad_image,
+    test_served_predictions_equal_offline_evaluation,
+    test_too_many_images_is_413,
+)
+
+pytestmark = pytest.mark.integration
+
+REQUEST_TIMEOUT_S = 4
+
+
+@pytest.fixture(scope="module")
+def service():
+    svc = ServiceProcess(
+        "--topology",
+        "split",
+        env={
+            "CONVSERVE_BATCH_WAIT_TIMEOUT_S": "0.02",
+            "CONVSERVE_MAX_BATCH_SIZE": "16",
+            "CONVSERVE_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
+        },
+    ).start()
+    yield svc
+    svc.stop()
+
+
+def _multipart(images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("image", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
+
+
+def test_the_service_reports_the_split_topology_and_the_model_replica(service, model_info):  # noqa: F811
+    assert model_info["topology"] == "split"
+    assert model_info["device"] == "cpu"  # the model deployment's device, asked through the handle
+    replica = model_info["model_replica"]
+    assert set(replica) == {"device", "calls", "items", "batches", "images"}
+
+
+def test_a_multi_image_request_is_one_call_to_the_model_deployment(service):
+    """40 images in one request: one handle call carrying 40 items, computed in batches of at most 16."""
+    jpegs = [data for _, data in fixture_jpegs(40)]
+    before = requests.get(service.base + "/v1/model", timeout=10).json()["model_replica"]
+    resp = requests.post(service.base + "/v1/classify", files=_multipart(jpegs), params={"top_k": 1}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["results"]) == 40
+    after = requests.get(service.base + "/v1/model", timeout=10).json()["model_replica"]
+    assert after["calls"] - before["calls"] == 1
+    assert after["items"] - before["items"] == 40
+    assert after["images"] - before["images"] == 40
+    assert after["batches"] - before["batches"] >= 3  # 40 images in passes of at most 16
+    assert int(resp.headers["x-batch-size"]) <= 16
+
+
+def test_concurrent_requests_are_grouped_into_fewer_calls_than_requests(service):
+    """Requests that arrive while a call is in flight leave the ingress together (service/grouping.py)."""
+    jpegs = [data for _, data in fixture_jpegs(48)]
+    before = requests.get(service.base + "/v1/model", timeout=10).json()["model_replica"]
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda data: classify(service, data, top_k=1), jpegs))
+    assert [r.status_code for r in answers] == [200] * 48
+    after = requests.get(service.base + "/v1/model", timeout=10).json()["model_replica"]
+    assert after["items"] - before["items"] == 48
+    assert after["calls"] - before["calls"] < 48, (before, after)
+
+
+def test_a_bad_image_fails_alone_in_a_group_with_good_ones(service):
+    """Concurrent single-image requests, every third one corrupt: the corrupt ones get 400 at the
+    ingress, before their group leaves; the rest of the group is answered 200."""
+    good = [data for _, data in fixture_jpegs(12)]
+    bodies = [data[: len(data) // 3] if i % 3 == 0 else data for i, data in enumerate(good)]
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda data: classify(service, data, top_k=1), bodies))
+    for i, resp in enumerate(answers):
+        if i % 3 == 0:
+            assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_image", resp.text
+        else:
+            assert resp.status_code == 200, resp.text
+
+
+def test_the_deadline_holds_across_the_split_with_a_json_504(service):
+    """request_timeout_s is 4 s here: the ingress answers 504 `timeout` 3 s after a request started,
+    whether it is still decoding or its items wait in the model replica (which then skips them)."""
+    body = _multipart([big_jpeg(i) for i in range(64)])
+
+    def send(_):
+        started = time.monotonic()
+        resp = requests.post(service.base + "/v1/classify", files=body, params={"top_k": 1}, timeout=60)
+        return resp, time.monotonic() - started
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(8)))
+    seen = Counter(r.status_code for r, _ in answers)
+    assert set(seen) <= {200, 504} and seen[504], seen
+    for resp, took in answers:
+        if resp.status_code == 504:
+            assert resp.headers["content-type"].startswith("application/json")
+            assert resp.json()["error"]["code"] == "timeout"
+            assert took >= REQUEST_TIMEOUT_S - 1 - 0.05, took
+    assert classify(service, fixture_jpegs(1)[0][1]).status_code == 200  # and the service still serves
