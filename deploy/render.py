@@ -3,10 +3,11 @@
 deploy/serve_config.yaml is the application's one Serve config (`make serve` reads it too).
 For each kustomize directory in TARGETS this writes `serve-config.generated.yaml`, a patch that
 sets the RayService's `spec.serveConfigV2` to that file, with the directory's
-`serve-config-overrides.yaml` merged in where it has one (overlays/gpu: GPUs per replica,
-batch size, replica limits). Every result is validated before it is written: as `make serve` validates the file (Ray
-Serve's ServeDeploySchema and convserve's own checks), and for keys that Ray's schema does not
-know (it ignores them, so a misspelt option would silently do nothing).
+`serve-config-overrides.yaml` merged in where it has one (overlays/gpu: the split topology, its
+ConvModel deployment, GPUs, batch size, replica limits). Every result is validated before it is
+written: as `make serve` validates the file (Ray Serve's ServeDeploySchema and convserve's own
+checks), and for keys that Ray's schema does not know (it ignores them, so a misspelt option
+would silently do nothing).
 
     python deploy/render.py          # rewrite the generated files
     python deploy/render.py --check  # exit 1 if a generated file is stale (tests/test_deploy.py does this too)
@@ -38,11 +39,16 @@ HEADER = """\
 """
 
 
+ADD = "add"  # `add: true` on a named item of an override: a new item, not a change to one
+
+
 def merge(base, override):
     """`override` merged into `base`: mappings key by key, lists of named items by name.
 
     Any other value (lists included) in `override` replaces the one in `base`. An override naming
-    an application or deployment that `base` lacks is an error, so a typo cannot add one.
+    an application or deployment that `base` lacks is an error, so a typo cannot add one; to add
+    one (the gpu overlay's ConvModel deployment), mark its item `add: true` (the marker is dropped,
+    and an `add: true` item whose name `base` already has is an error too).
     """
     if isinstance(base, dict) and isinstance(override, dict):
         out = copy.deepcopy(base)
@@ -51,11 +57,26 @@ def merge(base, override):
         return out
     if _named_list(base) and _named_list(override):
         names = [item["name"] for item in base]
-        unknown = [item["name"] for item in override if item["name"] not in names]
+        wrong = [item["name"] for item in override if item.get(ADD, True) is not True]
+        if wrong:
+            raise ValueError(f"override items {wrong}: `{ADD}:` takes only `true` (or leave it out)")
+        given = [item["name"] for item in override]
+        if len(set(given)) != len(given):
+            raise ValueError(f"override names an item twice: {given}")
+        added = [item for item in override if item.get(ADD)]
+        present = [item["name"] for item in added if item["name"] in names]
+        if present:
+            raise ValueError(f"override adds {present}, which the base config has already (drop `{ADD}: true`)")
+        unknown = [item["name"] for item in override if not item.get(ADD) and item["name"] not in names]
         if unknown:
-            raise ValueError(f"override names {unknown}, which the base config lacks (it has {names})")
-        by_name = {item["name"]: item for item in override}
-        return [merge(item, by_name[item["name"]]) if item["name"] in by_name else copy.deepcopy(item) for item in base]
+            raise ValueError(
+                f"override names {unknown}, which the base config lacks (it has {names}); mark a new item `{ADD}: true`"
+            )
+        by_name = {item["name"]: item for item in override if not item.get(ADD)}
+        merged = [
+            merge(item, by_name[item["name"]]) if item["name"] in by_name else copy.deepcopy(item) for item in base
+        ]
+        return merged + [{k: copy.deepcopy(v) for k, v in item.items() if k != ADD} for item in added]
     return copy.deepcopy(override)
 
 
@@ -115,8 +136,15 @@ def serve_config_for(target: str) -> dict:
     return doc
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes a value shared by two places (an override's YAML anchor) out twice, not as an alias."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
 def serve_config_v2(doc: dict) -> str:
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000)
+    return yaml.dump(doc, Dumper=_NoAliasDumper, sort_keys=False, default_flow_style=False, width=1000)
 
 
 def patch_text(target: str) -> str:

@@ -150,7 +150,7 @@ def offline_limit(batch_sizes: list[int], seconds: float, lanes: int = 2) -> tup
 class Service:
     """`python -m service` in its own session; stopped by pid."""
 
-    def __init__(self, ingress: str, env: dict[str, str], log_dir: Path):
+    def __init__(self, ingress: str, env: dict[str, str], log_dir: Path, args: tuple[str, ...] = ()):
         self.port = 18000 + os.getpid() % 1000
         self.metrics_port = free_port()
         self.grpc_port = free_port()
@@ -158,7 +158,7 @@ class Service:
         self.log = open(log_dir / f"service-{ingress}-{int(time.time())}.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-             "--grpc-port", str(self.grpc_port), "--ingress", ingress],
+             "--grpc-port", str(self.grpc_port), "--ingress", ingress, *args],
             cwd=REPO, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
@@ -257,6 +257,63 @@ def served(
         return rows
     finally:
         svc.stop()
+
+
+# --- serving overhead: everything but the model -----------------------------------------------------
+
+# (name, `python -m service` arguments); Ray gets the machine's CPUs, the replicas fractions of them
+OVERHEAD_VARIANTS = [
+    ("fused x1", ("--replicas", "1")),
+    ("fused x2", ("--replicas", "2", "--replica-cpus", "0.5")),
+    ("split, 1 ingress", ("--topology", "split", "--replicas", "1", "--replica-cpus", "0.5", "--model-cpus", "0.5")),
+    ("split, 2 ingress", ("--topology", "split", "--replicas", "2", "--replica-cpus", "0.5", "--model-cpus", "0.5")),
+]
+
+
+def service_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process and all its descendants: the driver, Ray's GCS,
+    raylet and workers (the replicas), HAProxy, all started under `python -m service`."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def overhead(ingress: str, concurrency: int, seconds: float, lua: Path, log_dir: Path) -> list[dict]:
+    """The forward pass replaced by zeros of its output shapes (CONVSERVE_NOOP_FORWARD, a benchmark
+    setting): requests/s at saturation and the service's CPU-ms per request, for each topology."""
+    rows = []
+    for name, args in OVERHEAD_VARIANTS:
+        svc = Service(ingress, {"CONVSERVE_NOOP_FORWARD": "1"}, log_dir, args)
+        try:
+            svc.wait_ready()
+            run_wrk(svc.base, concurrency, min(3.0, seconds), lua)  # warm the path
+            cpu0 = service_cpu_s(svc.proc.pid)
+            row = run_wrk(svc.base, concurrency, seconds, lua)
+            cpu_s = service_cpu_s(svc.proc.pid) - cpu0
+            answered = row["requests"] - row["non_2xx"]
+            row |= {"variant": name, "service_cpu_ms_per_request": 1000 * cpu_s / max(1, answered)}
+            rows.append(row)
+            print(
+                f"bench: overhead {name}: {row['images_per_s']:.0f} req/s, "
+                f"{row['service_cpu_ms_per_request']:.2f} CPU-ms per request, p50 {row['p50_ms']:.1f} ms, "
+                f"{row['errors']} errors",
+                flush=True,
+            )
+        finally:
+            svc.stop()
+    return rows
 
 
 # --- protocols: the same images through each way in ---------------------------------------------------
@@ -476,6 +533,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ingress", choices=["auto", "proxy", "haproxy"], default="auto", help="(default: %(default)s)")
     p.add_argument("--no-compare", action="store_true", help="skip batching-off and proxy-vs-haproxy runs")
     p.add_argument("--out", default=None, help="results folder (default: results/bench-<time>)")
+    p.add_argument(
+        "--overhead",
+        action="store_true",
+        help="only the serving-overhead runs: the forward pass a no-op, fused (1, 2 replicas) and split (1, 2 ingress)",
+    )
     a = p.parse_args(argv)
     if shutil.which("wrk") is None:
         print("bench: wrk not found (apt-get install wrk)", file=sys.stderr)
@@ -493,6 +555,16 @@ def main(argv: list[str] | None = None) -> int:
         "ingress": ingress,
         "seconds_per_point": seconds,
     }
+    if a.overhead:
+        with tempfile.TemporaryDirectory() as tmp:
+            listing = Path(tmp) / "bodies.txt"
+            listing.write_text("\n".join(str(f) for f in jpeg_files()) + "\n")
+            lua = Path(tmp) / "classify.lua"
+            lua.write_text(WRK_LUA % {"list": listing, "path": "/v1/classify?top_k=1", "headers": RAW_JPEG_HEADERS})
+            results["overhead"] = overhead(ingress, 64 if not a.quick else 8, seconds, lua, out)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"bench: results in {out}")
+        return 0
     print("bench: offline limit ...", flush=True)
     results["offline"], offline_single = offline_limit(
         [1, 8, 16, 32, 64] if not a.quick else [1, 16], 3.0 if not a.quick else 1.0

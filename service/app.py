@@ -161,7 +161,11 @@ class ConvServe:
         self.layer_names = [info.name for info in self.bundle.layers]
         if model is None:
             self.predictor = BatchedPredictor(
-                self.bundle, self.config.device, self.config.amp_dtype, self.config.channels_last
+                self.bundle,
+                self.config.device,
+                self.config.amp_dtype,
+                self.config.channels_last,
+                self.config.noop_forward,
             )
             self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, self.predictor.device.type)
             self.batcher = ModelBatcher(self.config, self.bundle, self.metrics, self.predictor)

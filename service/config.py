@@ -76,6 +76,11 @@ class ServeConfig(BaseModel):
         description="batches computed side by side, each on torch_threads / forward_lanes threads "
         "(service/lanes.py); None = 1 on a GPU, 2 on a CPU with 2 or more threads",
     )
+    noop_forward: bool = Field(
+        False,
+        description="benchmarks only (python -m loadtests.bench --overhead): the forward pass is replaced by "
+        "zeros of the same shapes, to measure what everything else costs; never set when serving",
+    )
     warmup_batch_sizes: list[int] | None = Field(None, description="None = powers of two up to max_batch_size")
 
     # Batching defaults (the deployment's user_config overrides them, live)

@@ -43,7 +43,9 @@ class ConvModel:
             torch.set_num_threads(self.config.torch_threads)
         keep_large_allocations()  # the forward thread reuses activation memory (service/predictor.py)
         self.bundle = load_bundle(self.config.bundle_path or DEFAULT_BUNDLE)
-        predictor = BatchedPredictor(self.bundle, self.config.device, self.config.amp_dtype, self.config.channels_last)
+        predictor = BatchedPredictor(
+            self.bundle, self.config.device, self.config.amp_dtype, self.config.channels_last, self.config.noop_forward
+        )
         self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, predictor.device.type)
         self.batcher = ModelBatcher(self.config, self.bundle, self.metrics, predictor)
         self.calls = 0  # infer() calls and the items they carried: what the ingress's grouping saves

