@@ -1,7 +1,8 @@
 """Micro-benchmarks behind the README's "Where the time went": pieces of the replica's hot path
 measured alone, without Ray or HTTP.
 
-    python -m loadtests.microbench decode      # ms per fixture JPEG: libjpeg-turbo path vs Pillow path
+    python -m loadtests.microbench decode      # ms per fixture JPEG: libjpeg-turbo path vs Pillow path;
+                                               # then decode + resize per image: CPU vs batched (gpu_decode)
     OMP_NUM_THREADS=1 python -m loadtests.microbench threads   # forward: main thread vs a worker thread
     OMP_NUM_THREADS=1 python -m loadtests.microbench threads --keep-large-allocations
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=passive python -m loadtests.microbench threads
@@ -19,6 +20,7 @@ import argparse
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -38,6 +40,57 @@ def decode_ms(repeats: int) -> dict[str, float]:
                 decode(data, 40_000_000)
         timings[name] = 1000 * (time.perf_counter() - start) / (repeats * len(datas))
     return timings
+
+
+PAYLOADS = Path(__file__).resolve().parent / "payloads"
+BATCH_KINDS = {  # what a batch is made of: the photo payloads, and CIFAR-10 JPEGs (32x32, about 1 KB)
+    "photo 640x480": "photo-ship-640x480.jpg",
+    "photo 1280x960": "photo-horse-1280x960.jpg",
+    "CIFAR 32x32": "cifar-*.jpg",
+}
+
+
+def batch_decode_ms(repeats: int, batch_sizes: tuple[int, ...] = (1, 8, 32)) -> tuple[str, dict[str, dict[str, float]]]:
+    """ms per image to get encoded JPEGs to uint8 at the embedded model's input size, two ways: on the
+    CPU one image at a time (decode_image_bytes + to_model_size, what a replica does today) and with
+    service.gpu_decode.decode_batch on the best device (cuda if there is one, else cpu), per batch size.
+    The median of `repeats` passes over one batch; returns the device and {kind: {column: ms}}."""
+    from model import DEFAULT_BUNDLE, load_bundle
+    from service import gpu_decode
+    from service.decode import decode_image_bytes
+    from service.gpu_decode import decode_batch
+
+    preset = load_bundle(DEFAULT_BUNDLE).preprocess
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def cpu(batch: list[bytes]) -> None:
+        for data in batch:
+            preset.to_model_size(decode_image_bytes(data, 40_000_000))
+
+    def batched(batch: list[bytes]) -> None:
+        out = decode_batch(batch, preset, device, 40_000_000)
+        if any(image is None for image in out):  # timing the CPU's fallback would measure nothing
+            raise RuntimeError(f"decode_batch left payloads to the CPU: {dict(gpu_decode.FALLBACKS)}")
+        sync()
+
+    def median_ms(run, batch: list[bytes]) -> float:
+        run(batch)  # warm-up: CUDA's lazy start and nvjpeg's decoder state are not what is measured
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(batch)
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times) / len(batch)
+
+    out = {}
+    for kind, pattern in BATCH_KINDS.items():
+        datas = [p.read_bytes() for p in sorted(PAYLOADS.glob(pattern))]
+        row = {"CPU per image": median_ms(cpu, datas)}
+        for bs in batch_sizes:
+            row[f"batch {bs}"] = median_ms(batched, [datas[i % len(datas)] for i in range(bs)])
+        out[kind] = row
+    return str(device), out
 
 
 def forward_ms(repeats: int, worker_first: bool) -> dict[str, dict[int, float]]:
@@ -128,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.what == "decode":
         for name, ms in decode_ms(max(1, a.repeats // 6)).items():
             print(f"{name}: {ms:.3f} ms per 32x32 JPEG")
+        device, by_kind = batch_decode_ms(max(1, a.repeats // 3))
+        print(f"decode + resize to model size, ms per image (CPU: one at a time; batch N: decode_batch on {device}):")
+        for kind, row in by_kind.items():
+            print(f"  {kind}: " + ", ".join(f"{col} {ms:.3f}" for col, ms in row.items()))
         return 0
     if a.what == "lanes":
         for how, rate in lanes_img_per_s(a.batch_size, hog=a.hog).items():

@@ -26,7 +26,7 @@ from model import DEFAULT_BUNDLE, load_bundle
 from service import oip, oip_grpc
 from service.batcher import ModelBatcher
 from service.config import MAX_BATCH_SIZE_LIMIT, BatchingConfig, ServeConfig
-from service.decode import decode_image_bytes
+from service.decode import check_pixels, decode_image_bytes, jpeg_size, sniff_format
 from service.errors import ApiError, bad_request, not_found, timed_out
 from service.explain import (
     cam_layers,
@@ -166,6 +166,7 @@ class ConvServe:
                 self.config.amp_dtype,
                 self.config.channels_last,
                 self.config.noop_forward,
+                self.config.limits.max_image_pixels,
             )
             self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, self.predictor.device.type)
             self.batcher = ModelBatcher(self.config, self.bundle, self.metrics, self.predictor)
@@ -213,12 +214,17 @@ class ConvServe:
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _prepare(self, data: bytes | ItemError, top_k: int, layers: tuple[str, ...]) -> WorkItem | ItemError:
-        """Decode and preprocess one image before it joins a batch."""
+    def _prepare(
+        self, data: bytes | ItemError, top_k: int, layers: tuple[str, ...], on_model: bool = False
+    ) -> WorkItem | ItemError:
+        """Decode and preprocess one image before it joins a batch; with `on_model`, a JPEG large
+        enough to be worth it travels encoded and is decoded with its batch on the model's device."""
         if isinstance(data, ItemError):
             return data
         start = time.perf_counter()
         try:
+            if on_model and self._worth_decoding_on_model(data):
+                return WorkItem(image=None, encoded=data, top_k=top_k, layers=layers, enqueued_at=start)
             image = decode_image_bytes(data, self.config.limits.max_image_pixels)
             tensor = self.bundle.preprocess.to_model_size(image)  # uint8: the model's side normalises
         except ApiError as e:
@@ -229,18 +235,32 @@ class ConvServe:
         self.metrics.observe_preprocess(time.perf_counter() - start)
         return WorkItem(image=tensor, top_k=top_k, layers=layers, enqueued_at=time.perf_counter())
 
+    def _worth_decoding_on_model(self, data: bytes) -> bool:
+        """A JPEG whose header declares at least model_decode_min_pixels (ApiError 413 above the
+        limit, as the CPU path answers); anything else is decoded here."""
+        if sniff_format(data) != "jpeg" or (size := jpeg_size(data)) is None:
+            return False
+        check_pixels(size[0], size[1], self.config.limits.max_image_pixels)
+        return size[0] * size[1] >= self.config.model_decode_min_pixels
+
+    async def _decodes_on_model(self) -> bool:
+        """Whether JPEGs go to the model's device encoded (ServeConfig.model_decode)."""
+        mode = self.config.model_decode
+        return mode == "on" or (mode == "auto" and await self.model_device() == "cuda")
+
     async def _prepare_all(
         self, images: list[bytes | ItemError], top_k: int, deadline: float, layers: tuple[str, ...] = ()
     ) -> list[WorkItem | ItemError]:
         """Decode a request's images, yielding to the event loop between them: a 64-image request
         must not hold up every other request's start (and deadline) while it decodes."""
+        on_model = await self._decodes_on_model()
         prepared = []
         for i, data in enumerate(images):
             if i:
                 await asyncio.sleep(0)
                 if time.perf_counter() > deadline:
                     raise self._timeout_error()
-            prepared.append(self._prepare(data, top_k, layers))
+            prepared.append(self._prepare(data, top_k, layers, on_model))
         return prepared
 
     def _timeout_error(self) -> ApiError:
@@ -319,6 +339,9 @@ class ConvServe:
                 raise ApiError(err.status, err.code, err.message)
             results = await self._run(prepared, deadline)
             model_id = self.bundle.model_id
+            if not req.multi and isinstance(results[0], ItemError):  # e.g. a JPEG the model's side could not decode
+                err = results[0]
+                raise ApiError(err.status, err.code, err.message)
             if not req.multi:
                 body = {"model": model_id, "predictions": self._predictions(results[0])}
             else:

@@ -76,6 +76,17 @@ class ServeConfig(BaseModel):
         description="batches computed side by side, each on torch_threads / forward_lanes threads "
         "(service/lanes.py); None = 1 on a GPU, 2 on a CPU with 2 or more threads",
     )
+    model_decode: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="decode JPEGs in batches on the model's device (service/gpu_decode.py): auto = when the "
+        "model runs on CUDA; on = also on a CPU (libjpeg-turbo in the forward lane; for tests); off = never",
+    )
+    model_decode_min_pixels: int = Field(
+        16384,
+        ge=0,
+        description="only JPEGs declaring at least this many pixels go to the model's device: a 32x32 CIFAR "
+        "image decodes in ~0.05 ms on a CPU, a 640x480 photo in ~2 ms (python -m loadtests.microbench decode)",
+    )
     noop_forward: bool = Field(
         False,
         description="benchmarks only (python -m loadtests.bench --overhead): the forward pass is replaced by "

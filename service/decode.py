@@ -48,7 +48,7 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's start-of-frame marker, or None if none is found."""
     i, n = 2, len(data)
     while i + 9 < n:
@@ -70,7 +70,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise invalid_image(f"image declares an empty size {width}x{height}")
     if width * height > max_pixels:
@@ -134,7 +134,7 @@ def _decode_with_pillow(data: bytes, max_pixels: int) -> torch.Tensor:
     fmt = sniff_format(data)
     try:
         with Image.open(io.BytesIO(data)) as img:
-            _check_pixels(img.width, img.height, max_pixels)
+            check_pixels(img.width, img.height, max_pixels)
             img.seek(0)  # first frame of an animation or first page of a multi-page file
             img = ImageOps.exif_transpose(img)
             img.load()
@@ -153,10 +153,10 @@ def decode_image_bytes(data: bytes, max_pixels: int) -> torch.Tensor:
     if fmt is None:
         raise invalid_image(f"not an image in a supported format ({SUPPORTED_FORMATS})")
     if fmt == "jpeg":
-        size = _jpeg_size(data)
+        size = jpeg_size(data)
         if size is None:
             raise invalid_image("cannot decode image: JPEG without a frame header (truncated?)")
-        _check_pixels(size[0], size[1], max_pixels)
+        check_pixels(size[0], size[1], max_pixels)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # libjpeg's "premature end of data" is a failure here

@@ -7,14 +7,18 @@
               -> DeploymentHandle -> ConvModel (ModelBatcher: @serve.batch, pacing, the forward
                  pass; one replica per GPU, or a fraction of one)
 
-What travels is what the model needs: uint8 [3, S, S] tensors (3 KB for a CIFAR image; objects
-under 100 KiB go inline in Ray's RPC), never a float copy four times larger. Each ingress
+What travels is what the model needs: uint8 [3, S, S] images (3 KB for a CIFAR image; objects
+under 100 KiB go inline in Ray's RPC), never a float copy four times larger, and as NumPy arrays,
+not torch tensors: pickle serialises a torch tensor through torch.save and torch.load, which
+made the split topology's no-op service cost twice the fused one's CPU per request (`python -m
+loadtests.bench --overhead`); NumPy arrays travel as raw buffers. Each ingress
 replica groups its requests' items into one call (service/grouping.py); the model replica's
 `@serve.batch` groups the calls of every ingress replica into forward passes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -44,7 +48,12 @@ class ConvModel:
         keep_large_allocations()  # the forward thread reuses activation memory (service/predictor.py)
         self.bundle = load_bundle(self.config.bundle_path or DEFAULT_BUNDLE)
         predictor = BatchedPredictor(
-            self.bundle, self.config.device, self.config.amp_dtype, self.config.channels_last, self.config.noop_forward
+            self.bundle,
+            self.config.device,
+            self.config.amp_dtype,
+            self.config.channels_last,
+            self.config.noop_forward,
+            self.config.limits.max_image_pixels,
         )
         self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, predictor.device.type)
         self.batcher = ModelBatcher(self.config, self.bundle, self.metrics, predictor)
@@ -65,8 +74,14 @@ class ConvModel:
         self.items += len(items)
         now = time.perf_counter()
         for item in items:
+            if item.image is not None:  # None: an encoded JPEG, decoded with its batch (WorkItem.encoded)
+                item.image = torch.from_numpy(item.image)  # no copy
             item.enqueued_at = now  # the ingress's perf_counter means nothing in this process
-        return await self.batcher.run(items)
+        results = await self.batcher.run(items)
+        for r in results:
+            if isinstance(r, ItemResult) and r.feature_maps:
+                r.feature_maps = {name: m.numpy() for name, m in r.feature_maps.items()}
+        return results
 
     async def describe(self) -> dict:
         """What the ingress reports about the model (GET /v1/model): where it runs, and what this
@@ -89,7 +104,12 @@ class RemoteModel:
         self.grouper: Grouper[WorkItem, ItemResult | ItemError] = Grouper(self._send, max_items, wait_s)
 
     async def _send(self, items: list[WorkItem]) -> list[ItemResult | ItemError]:
-        return await self.handle.infer.remote(items)
+        wire = [dataclasses.replace(i, image=None if i.image is None else i.image.numpy()) for i in items]
+        results = await self.handle.infer.remote(wire)
+        for r in results:
+            if isinstance(r, ItemResult) and r.feature_maps:
+                r.feature_maps = {name: torch.from_numpy(m) for name, m in r.feature_maps.items()}
+        return results
 
     async def run(self, work: list[WorkItem], budget_s: float) -> list[ItemResult | ItemError]:
         expires_at = time.time() + budget_s

@@ -29,11 +29,14 @@ class WorkItem:
 
     # uint8 [3, S, S] (EvalPreset.to_model_size: normalised here, a batch at a time, on the model's
     # device, so a quarter of the bytes travel), or float32 [3, S, S] already normalised
-    image: torch.Tensor
+    image: torch.Tensor | None
     top_k: int = 5
     layers: tuple[str, ...] = ()  # feature maps to return, by layer name
     enqueued_at: float = 0.0  # time.perf_counter() when it was handed to the batcher
     expires_at: float | None = None  # time.time() past which its caller no longer waits (not computed)
+    # A JPEG to decode on the model's device with the rest of its batch (service/gpu_decode.py);
+    # `image` is None until then. The ingress has checked its header and pixel count.
+    encoded: bytes | None = None
 
 
 @dataclass
@@ -77,9 +80,11 @@ class BatchedPredictor:
         amp_dtype: str = "bf16",
         channels_last: bool = True,
         noop_forward: bool = False,
+        max_image_pixels: int = 40_000_000,
     ):
         self.bundle = bundle
         self.noop_forward = noop_forward  # benchmarks only: zeros of the model's output shapes
+        self.max_image_pixels = max_image_pixels  # for items that arrive encoded (model-side decode)
         if noop_forward:
             log.warning("noop_forward: answers are zeros, not the model's (a serving-overhead benchmark)")
         self.device = pick_device(device)
@@ -97,17 +102,16 @@ class BatchedPredictor:
     # --- the batch function -------------------------------------------------------------
 
     def predict(self, items: list[WorkItem]) -> list[ItemResult | ItemError]:
-        """One result per item, in order. Items are validated upstream; this never sees bytes."""
+        """One result per item, in order. Items are validated upstream; the only bytes seen here are
+        encoded JPEGs handed over for decoding with their batch (WorkItem.encoded)."""
         if not items:
             return []
-        results: list[ItemResult | ItemError] = [
-            ItemError(
-                "invalid_input", f"expected uint8 or float32 [3, S, S], got {i.image.dtype} {tuple(i.image.shape)}"
-            )
-            if not self._fits(i.image)
-            else None
-            for i in items
-        ]
+        failed = self._decode_encoded(items)
+        results: list[ItemResult | ItemError | None] = [failed.get(n) for n in range(len(items))]
+        for n, item in enumerate(items):
+            if results[n] is None and not self._fits(item.image):
+                got = "no image" if item.image is None else f"{item.image.dtype} {tuple(item.image.shape)}"
+                results[n] = ItemError("invalid_input", f"expected uint8 or float32 [3, S, S], got {got}")
         valid = [i for i, r in enumerate(results) if r is None]
         if valid:
             outputs = self._forward([items[i] for i in valid])
@@ -115,9 +119,34 @@ class BatchedPredictor:
                 results[i] = out
         return results
 
-    def _fits(self, image: torch.Tensor) -> bool:
+    def _fits(self, image: torch.Tensor | None) -> bool:
         size = self.bundle.preprocess.input_size
-        return image.dtype in (torch.uint8, torch.float32) and tuple(image.shape) == (3, size, size)
+        return (
+            image is not None and image.dtype in (torch.uint8, torch.float32) and tuple(image.shape) == (3, size, size)
+        )
+
+    def _decode_encoded(self, items: list[WorkItem]) -> dict[int, ItemError]:
+        """Decode the batch's encoded JPEGs on the model's device in one call; what that path does
+        not take is decoded on the CPU, one at a time, and an image that cannot be decoded fails
+        alone with the 4xx the CPU path gives it. Returns those failures by item index."""
+        from service.decode import decode_image_bytes
+        from service.errors import ApiError
+        from service.gpu_decode import decode_batch
+
+        encoded = [i for i, item in enumerate(items) if item.encoded is not None]
+        if not encoded:
+            return {}
+        preset, failed = self.bundle.preprocess, {}
+        decoded = decode_batch([items[i].encoded for i in encoded], preset, self.device, self.max_image_pixels)
+        for i, image in zip(encoded, decoded, strict=True):
+            if image is None:
+                try:
+                    image = preset.to_model_size(decode_image_bytes(items[i].encoded, self.max_image_pixels))
+                except ApiError as e:
+                    failed[i] = ItemError(e.code, e.message, e.status)
+                    continue
+            items[i].image, items[i].encoded = image, None
+        return failed
 
     def _forward(self, items: list[WorkItem]) -> list[ItemResult]:
         n = len(items)
@@ -158,14 +187,17 @@ class BatchedPredictor:
         quarter of float32's bytes over PCIe) and are normalised there, the whole batch at once."""
         preset = self.bundle.preprocess
         if all(i.dtype == torch.uint8 for i in images):
-            return self._layout(preset.normalize(self._to_device(torch.stack(images))))
+            return self._layout(preset.normalize(self._to_device(images)))
         mixed = [preset.normalize(i) if i.dtype == torch.uint8 else i for i in images]  # V2 float32 inputs
-        return self._layout(self._to_device(torch.stack(mixed)))
+        return self._layout(self._to_device(mixed))
 
-    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)  # async copy from page-locked memory
-        return batch
+    def _to_device(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """One tensor [N, ...] on the model's device. Images decoded there already (gpu_decode) stay."""
+        if self.device.type != "cuda":
+            return torch.stack(images)
+        if all(i.device.type == "cpu" for i in images):
+            return torch.stack(images).pin_memory().to(self.device, non_blocking=True)  # async from page-locked
+        return torch.stack([i.to(self.device, non_blocking=True) for i in images])
 
     def _layout(self, batch: torch.Tensor) -> torch.Tensor:
         return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch

@@ -349,3 +349,33 @@ def test_the_deployment_health_check_fails_once_the_model_gives_no_valid_scores(
         next(replica.predictor.model.parameters()).fill_(float("nan"))
     with pytest.raises(RuntimeError, match="no valid scores"):
         asyncio.run(replica.check_health())
+
+
+#############################################
+#     Encoded JPEGs: decoded with the batch #
+#############################################
+
+PAYLOADS = Path(__file__).resolve().parent.parent / "loadtests" / "payloads"
+
+
+def test_encoded_jpegs_are_decoded_with_their_batch_and_a_bad_one_fails_alone(predictor, tiny_bundle, sample_dir):
+    """Items that arrive encoded (the model-side decode, service/gpu_decode.py; here on the CPU
+    device) get the answers of the same images decoded by the ingress; a corrupt JPEG among them
+    gets the CPU path's 400 and takes no place in the batch; a CMYK-free PNG sent as encoded
+    goes through the CPU decoder alone."""
+    photos = [(PAYLOADS / name).read_bytes() for name in ("photo-ship-640x480.jpg", "photo-horse-1280x960.jpg")]
+    jpegs = photos + _fixture_jpegs(sample_dir, 2)
+    png = (PAYLOADS / "photo-cat-224x224.png").read_bytes()
+    preset = tiny_bundle.preprocess
+    want = [_single(predictor, WorkItem(preset.to_model_size(decode_image_bytes(d, 10**8)), top_k=3)) for d in jpegs]
+    want_png = _single(predictor, WorkItem(preset.to_model_size(decode_image_bytes(png, 10**8)), top_k=3))
+    corrupt = photos[0][: len(photos[0]) // 2]
+    items = [WorkItem(None, top_k=3, encoded=d) for d in jpegs]
+    items.insert(1, WorkItem(None, top_k=3, encoded=corrupt))
+    items.append(WorkItem(None, top_k=3, encoded=png))
+    results = predictor.predict(items)
+    assert isinstance(results[1], ItemError) and (results[1].status, results[1].code) == (400, "invalid_image")
+    good = [r for i, r in enumerate(results) if i != 1]
+    for got, expected in zip(good, [*want, want_png], strict=True):
+        assert isinstance(got, ItemResult) and got.batch_size == len(jpegs) + 1
+        _assert_same_predictions(got, expected)

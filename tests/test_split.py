@@ -1,8 +1,10 @@
 """Integration: the `split` topology (service/model_app.py), the real `python -m service --topology split`.
 
-An ingress deployment (routes, decode) hands uint8 tensors through a DeploymentHandle to a model
-deployment that batches across every ingress replica. The contract is the fused one's: the tests
-imported from test_serving.py run here again against this module's split service.
+An ingress deployment (routes, checks) hands images through a DeploymentHandle to a model
+deployment that batches across every ingress replica. Here every JPEG travels encoded and is
+decoded with its batch in the model replica (model_decode: on), as photos are when the model
+runs on CUDA; other formats are decoded by the ingress. The contract is the fused one's: the
+tests imported from test_serving.py run here again against this module's split service.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def service():
             "CONVSERVE_BATCH_WAIT_TIMEOUT_S": "0.02",
             "CONVSERVE_MAX_BATCH_SIZE": "16",
             "CONVSERVE_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
+            # Every JPEG travels encoded and is decoded with its batch in the model replica
+            # (service/gpu_decode.py, here on the CPU device): the path a GPU model takes for photos.
+            "CONVSERVE_MODEL_DECODE": "on",
+            "CONVSERVE_MODEL_DECODE_MIN_PIXELS": "0",
         },
     ).start()
     yield svc
@@ -92,8 +98,9 @@ def test_concurrent_requests_are_grouped_into_fewer_calls_than_requests(service)
 
 
 def test_a_bad_image_fails_alone_in_a_group_with_good_ones(service):
-    """Concurrent single-image requests, every third one corrupt: the corrupt ones get 400 at the
-    ingress, before their group leaves; the rest of the group is answered 200."""
+    """Concurrent single-image requests, every third one a truncated JPEG (its header is fine, so
+    it travels encoded): the model replica's decode fails it alone with the CPU path's 400; the
+    rest of its group and batch is answered 200."""
     good = [data for _, data in fixture_jpegs(12)]
     bodies = [data[: len(data) // 3] if i % 3 == 0 else data for i, data in enumerate(good)]
     with ThreadPoolExecutor(12) as pool:
