@@ -12,12 +12,12 @@ from __future__ import annotations
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
 
 from tests.server_process import ServiceProcess
-from tests.test_reliability import big_jpeg
 from tests.test_serving import (  # noqa: F401 - the fused contract, collected again against the split service
     classify,
     fixture_jpegs,
@@ -38,6 +38,7 @@ from tests.test_serving import (  # noqa: F401 - the fused contract, collected a
 pytestmark = pytest.mark.integration
 
 REQUEST_TIMEOUT_S = 4
+PAYLOADS = Path(__file__).resolve().parent.parent / "loadtests" / "payloads"
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,12 @@ def test_a_bad_image_fails_alone_in_a_group_with_good_ones(service):
 def test_the_deadline_holds_across_the_split_with_a_json_504(service):
     """request_timeout_s is 4 s here: the ingress answers 504 `timeout` 3 s after a request started,
     whether it is still decoding or its items wait in the model replica (which then skips them)."""
-    body = _multipart([big_jpeg(i) for i in range(64)])
+    # 8 x 60 photos of 1280x960: about 10 ms each to decode on this CPU, then the forward passes;
+    # several seconds of work whichever side decodes, against 3 s allowed
+    photo = (
+        Path(__file__).resolve().parent.parent / "loadtests" / "payloads" / "photo-horse-1280x960.jpg"
+    ).read_bytes()
+    body = _multipart([photo] * 60)
 
     def send(_):
         started = time.monotonic()
