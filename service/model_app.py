@@ -38,8 +38,16 @@ log = logging.getLogger("convserve")
 GROUP_WAIT_S = 0.002
 
 
-# Defaults for a bare `serve run`; the Serve config's `deployments` entry named ConvModel sets the real ones.
-@serve.deployment(name="ConvModel", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+# Defaults when the Serve config has no `deployments` entry named ConvModel (which then sets them).
+# No access log: a line per call cost model-replica CPU (as for ConvServe in deploy/serve_config.yaml).
+@serve.deployment(
+    name="ConvModel",
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 1},
+    logging_config={"enable_access_log": False},
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+)
 class ConvModel:
     def __init__(self, config: dict | None = None):
         self.config = ServeConfig.from_env(config)
