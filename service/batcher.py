@@ -55,6 +55,9 @@ class ModelBatcher:
         for n in sorted({self.lanes.torch_threads, self.lanes.shared_threads}):
             self.lanes.on_every_lane(lambda: predictor.warmup(sizes), threads=n)
         timings = self.lanes.on_every_lane(lambda: predictor.warmup(sizes), threads=self.lanes.shared_threads)[0]
+        if predictor.device.type == "cuda" and config.model_decode != "off":
+            # nvjpeg's first call sets up its handles and buffers: not in the first photo's request
+            self.lanes.on_every_lane(predictor.warmup_decode, threads=self.lanes.shared_threads)
         log.info(
             "warm-up done on %s, %d lane(s): %s", predictor.device, lanes, {k: round(v, 4) for k, v in timings.items()}
         )

@@ -217,6 +217,13 @@ class BatchedPredictor:
             timings[bs] = time.perf_counter() - start
         return timings
 
+    def warmup_decode(self) -> None:
+        """One small JPEG through the model-side decode (service/gpu_decode.py) on this device."""
+        from torchvision.io import encode_jpeg
+
+        jpeg = encode_jpeg(torch.full((3, 64, 64), 128, dtype=torch.uint8)).numpy().tobytes()
+        self.predict([WorkItem(None, top_k=1, encoded=jpeg)])
+
     def check_health(self) -> None:
         """A tiny forward pass; raises if the model no longer produces finite scores."""
         size = self.bundle.preprocess.input_size

@@ -379,3 +379,13 @@ def test_encoded_jpegs_are_decoded_with_their_batch_and_a_bad_one_fails_alone(pr
     for got, expected in zip(good, [*want, want_png], strict=True):
         assert isinstance(got, ItemResult) and got.batch_size == len(jpegs) + 1
         _assert_same_predictions(got, expected)
+
+
+def test_the_model_side_decode_warm_up_decodes_its_jpeg_on_the_batch_path(predictor):
+    """The CUDA replica warms nvjpeg up with one JPEG at start (ModelBatcher); here on the CPU
+    device the same call must take the batch path, not fall back to the per-image CPU decoder."""
+    from service import gpu_decode
+
+    before = gpu_decode.FALLBACKS.copy()
+    predictor.warmup_decode()
+    assert gpu_decode.FALLBACKS == before
