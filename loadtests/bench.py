@@ -261,12 +261,18 @@ def served(
 
 # --- serving overhead: everything but the model -----------------------------------------------------
 
-# (name, `python -m service` arguments); Ray gets the machine's CPUs, the replicas fractions of them
+# (name, `python -m service` arguments, environment); Ray gets the machine's CPUs, the replicas fractions of them
+SPLIT_1 = ("--topology", "split", "--replicas", "1", "--replica-cpus", "0.5", "--model-cpus", "0.5")
 OVERHEAD_VARIANTS = [
-    ("fused x1", ("--replicas", "1")),
-    ("fused x2", ("--replicas", "2", "--replica-cpus", "0.5")),
-    ("split, 1 ingress", ("--topology", "split", "--replicas", "1", "--replica-cpus", "0.5", "--model-cpus", "0.5")),
-    ("split, 2 ingress", ("--topology", "split", "--replicas", "2", "--replica-cpus", "0.5", "--model-cpus", "0.5")),
+    ("fused x1", ("--replicas", "1"), {}),
+    ("fused x2", ("--replicas", "2", "--replica-cpus", "0.5"), {}),
+    ("split, 1 ingress", SPLIT_1, {}),
+    ("split, 1 ingress, no grouping", SPLIT_1, {"CONVSERVE_INGRESS_GROUP_WAIT_S": "none"}),
+    (
+        "split, 2 ingress",
+        ("--topology", "split", "--replicas", "2", "--replica-cpus", "0.5", "--model-cpus", "0.5"),
+        {},
+    ),
 ]
 
 
@@ -294,8 +300,8 @@ def overhead(ingress: str, concurrency: int, seconds: float, lua: Path, log_dir:
     """The forward pass replaced by zeros of its output shapes (CONVSERVE_NOOP_FORWARD, a benchmark
     setting): requests/s at saturation and the service's CPU-ms per request, for each topology."""
     rows = []
-    for name, args in OVERHEAD_VARIANTS:
-        svc = Service(ingress, {"CONVSERVE_NOOP_FORWARD": "1"}, log_dir, args)
+    for name, args, env in OVERHEAD_VARIANTS:
+        svc = Service(ingress, {"CONVSERVE_NOOP_FORWARD": "1", **env}, log_dir, args)
         try:
             svc.wait_ready()
             run_wrk(svc.base, concurrency, min(3.0, seconds), lua)  # warm the path
@@ -304,6 +310,9 @@ def overhead(ingress: str, concurrency: int, seconds: float, lua: Path, log_dir:
             cpu_s = service_cpu_s(svc.proc.pid) - cpu0
             answered = row["requests"] - row["non_2xx"]
             row |= {"variant": name, "service_cpu_ms_per_request": 1000 * cpu_s / max(1, answered)}
+            if "split" in name:  # what the grouping did: items per call to the model deployment
+                model = requests.get(svc.base + "/v1/model", timeout=10).json()["model_replica"]
+                row |= {"items_per_call": model["items"] / max(1, model["calls"])}
             rows.append(row)
             print(
                 f"bench: overhead {name}: {row['images_per_s']:.0f} req/s, "

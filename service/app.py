@@ -179,7 +179,7 @@ class ConvServe:
             self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, "cpu")
             self.batcher = None
             self.lanes = ForwardLanes(1, 1)
-            self.remote = RemoteModel(model, self.config.batching.max_batch_size)
+            self.remote = RemoteModel(model, self.config.batching.max_batch_size, self.config.ingress_group_wait_s)
         count_refusals_with(self.metrics.count_answer)  # 401/503/400 answered before a route
         self._model_device = None if self.remote else self.predictor.device.type
         self._apply_batching(self.config.batching)

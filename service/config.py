@@ -18,6 +18,7 @@ Units are in the names.
 from __future__ import annotations
 
 import os
+import typing
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -59,6 +60,14 @@ class ServeConfig(BaseModel):
     # DeploymentHandle to a model deployment that batches across all of them (for GPUs).
     topology: Literal["fused", "split"] = Field(
         "fused", description="fused: one deployment; split: ingress deployment + model deployment (ConvModel)"
+    )
+
+    ingress_group_wait_s: float | None = Field(
+        0.002,
+        ge=0,
+        le=1.0,
+        description="split: how long an ingress replica's group of items waits for company while a call to "
+        "the model deployment is in flight (service/grouping.py); None = no grouping, one call per request",
     )
 
     # The model
@@ -141,7 +150,10 @@ class ServeConfig(BaseModel):
             elif field in Limits.model_fields:
                 limits[field] = value
             elif field in cls.model_fields and field not in ("batching", "limits"):
-                data[field] = value.split(",") if field == "warmup_batch_sizes" else value
+                if value.lower() == "none" and type(None) in typing.get_args(cls.model_fields[field].annotation):
+                    data[field] = None  # an optional setting turned off, e.g. CONVSERVE_INGRESS_GROUP_WAIT_S=none
+                else:
+                    data[field] = value.split(",") if field == "warmup_batch_sizes" else value
             else:  # a typo would otherwise be ignored in silence
                 known = sorted([*cls.model_fields, *BatchingConfig.model_fields, *Limits.model_fields])
                 known = [f"CONVSERVE_{k.upper()}" for k in known if k not in ("batching", "limits")]

@@ -34,9 +34,6 @@ from service.predictor import BatchedPredictor, ItemError, ItemResult, WorkItem,
 
 log = logging.getLogger("convserve")
 
-# How long an ingress replica's group of items waits for company while a call is in flight.
-GROUP_WAIT_S = 0.002
-
 
 # Defaults when the Serve config has no `deployments` entry named ConvModel (which then sets them).
 # No access log: a line per call cost model-replica CPU (as for ConvServe in deploy/serve_config.yaml).
@@ -107,9 +104,12 @@ class ConvModel:
 class RemoteModel:
     """The ingress's side: `run(items, deadline_s)` through a Grouper and the handle."""
 
-    def __init__(self, handle, max_items: int, wait_s: float = GROUP_WAIT_S):
+    def __init__(self, handle, max_items: int, wait_s: float | None):
+        """`wait_s` None: no grouping, one call per request (to measure what grouping buys)."""
         self.handle = handle
-        self.grouper: Grouper[WorkItem, ItemResult | ItemError] = Grouper(self._send, max_items, wait_s)
+        self.grouper: Grouper[WorkItem, ItemResult | ItemError] | None = (
+            None if wait_s is None else Grouper(self._send, max_items, wait_s)
+        )
 
     async def _send(self, items: list[WorkItem]) -> list[ItemResult | ItemError]:
         wire = [dataclasses.replace(i, image=None if i.image is None else i.image.numpy()) for i in items]
@@ -123,7 +123,8 @@ class RemoteModel:
         expires_at = time.time() + budget_s
         for item in work:
             item.expires_at = expires_at  # the model replica skips it if it queues past this
-        return await self.grouper.submit(work)
+        return await (self._send(work) if self.grouper is None else self.grouper.submit(work))
 
     def resize(self, max_items: int) -> None:
-        self.grouper.max_items = max(1, max_items)
+        if self.grouper is not None:
+            self.grouper.max_items = max(1, max_items)

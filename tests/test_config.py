@@ -228,3 +228,11 @@ def test_the_deployment_version_ignores_only_the_batching_settings():
     assert code_version(base) == code_version(same)
     for changed in ({"auth_token": "b"}, {"auth_token": "a", "torch_threads": 1}, {"auth_token": "a", "port": 9}):
         assert code_version(ServeConfig.from_env(changed, environ={})) != code_version(base), changed
+
+
+def test_an_optional_setting_is_turned_off_with_none_and_a_required_one_is_not():
+    assert ServeConfig.from_env(environ={"CONVSERVE_INGRESS_GROUP_WAIT_S": "none"}).ingress_group_wait_s is None
+    assert ServeConfig.from_env(environ={"CONVSERVE_INGRESS_GROUP_WAIT_S": "0.005"}).ingress_group_wait_s == 0.005
+    assert ServeConfig.from_env(environ={}).ingress_group_wait_s == 0.002
+    with pytest.raises(ValueError):
+        ServeConfig.from_env(environ={"CONVSERVE_REQUEST_TIMEOUT_S": "none"})
