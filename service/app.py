@@ -7,6 +7,7 @@ and decoding requests, and the next batch fills while this one computes.
 """
 
 import asyncio
+import collections
 import hmac
 import logging
 import time
@@ -591,9 +592,15 @@ class ConvServe:
     @api.get("/v2/models/{model_name}/stats", tags=["v2"])
     @api.get("/v2/models/{model_name}/versions/{model_version}/stats", tags=["v2"])
     async def v2_model_stats(self, model_name: str, model_version: str | None = None) -> Response:
-        """Triton's statistics extension, from this replica's own counters since it started."""
+        """Triton's statistics extension, from this replica's own counters since it started (split:
+        the batches from the model replica the handle picks)."""
         self._v2_model(model_name, model_version)
-        t = self.metrics.totals
+        t, last_inference_ms = dict(self.metrics.totals), self.metrics.last_inference_ms
+        if self.remote is not None:
+            model = await self.remote.handle.describe.remote()
+            t |= {k: model[k] for k in ("batches", "images", "inference_ns", "queue_ns")}
+            last_inference_ms = model["last_inference_ms"]
+        t = collections.Counter(t)
         ok = self.metrics.answers_total
 
         def stat(count: int, ns: int) -> dict:
@@ -605,7 +612,7 @@ class ConvServe:
                     {
                         "name": self.bundle.name,
                         "version": self.bundle.version,
-                        "last_inference": int(self.metrics.last_inference_ms),
+                        "last_inference": int(last_inference_ms),
                         "inference_count": t["images"],
                         "execution_count": t["batches"],
                         "inference_stats": {

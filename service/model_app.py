@@ -98,6 +98,9 @@ class ConvModel:
             "items": self.items,
             "batches": t["batches"],
             "images": t["images"],
+            "inference_ns": t["inference_ns"],
+            "queue_ns": t["queue_ns"],
+            "last_inference_ms": self.metrics.last_inference_ms,
         }
 
 

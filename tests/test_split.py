@@ -68,7 +68,18 @@ def test_the_service_reports_the_split_topology_and_the_model_replica(service, m
     assert model_info["topology"] == "split"
     assert model_info["device"] == "cpu"  # the model deployment's device, asked through the handle
     replica = model_info["model_replica"]
-    assert set(replica) == {"device", "calls", "items", "batches", "images"}
+    assert {"device", "calls", "items", "batches", "images"} <= set(replica)
+
+
+def test_v2_statistics_count_the_model_replicas_batches(service):
+    """Triton's statistics extension on the split ingress reports what the model replica computed."""
+    name = requests.get(service.base + "/v1/model", timeout=10).json()["name"]
+    before = requests.get(f"{service.base}/v2/models/{name}/stats", timeout=10).json()["model_stats"][0]
+    assert classify(service, fixture_jpegs(1)[0][1]).status_code == 200
+    after = requests.get(f"{service.base}/v2/models/{name}/stats", timeout=10).json()["model_stats"][0]
+    assert after["inference_count"] - before["inference_count"] == 1
+    assert after["execution_count"] - before["execution_count"] == 1
+    assert after["last_inference"] >= before["last_inference"] and after["last_inference"] > 0
 
 
 def test_a_multi_image_request_is_one_call_to_the_model_deployment(service):
