@@ -1,14 +1,20 @@
-"""The benchmark runs in its short mode and writes a valid results file (targets are its report's job)."""
+"""The benchmarks run in their short modes and write valid results files (targets are their reports' job)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
@@ -67,3 +73,106 @@ def test_microbench_lanes_compares_one_team_with_lanes():
 
     out = lanes_img_per_s(batch_size=2, seconds=0.3, hog=False)
     assert set(out) == {"one 2-thread pass", "two 1-thread lanes"} and min(out.values()) > 0
+
+
+# --- loadtests/gpubench.py: the GPU benchmark, run here on the CPU -----------------------------------
+
+
+def test_gpubench_offline_limit_runs_the_predictor_on_this_machine():
+    from loadtests.gpubench import machine_info, offline_limit
+
+    machine = machine_info()
+    assert machine["cpus"] >= 1 and machine["torch"] and machine["torchvision"] and machine["ray"]
+    off = offline_limit([1, 2, 4], seconds=0.2, latency_iters=20)
+    assert off["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert off["input"].startswith("uint8 [3, 32, 32]")
+    assert set(off["by_batch"]) == {1, 2, 4} and all(v["images_per_s"] > 0 for v in off["by_batch"].values())
+    # the limit is the best batch size measured, and the service's max_batch_size is the file's
+    assert off["images_per_s"] == max(v["images_per_s"] for v in off["by_batch"].values())
+    assert off["service_max_batch_size"] == 32 and off["images_per_s_within_service_max_batch"] == off["images_per_s"]
+    assert 0 < off["batch1_p50_ms"] <= off["batch1_p90_ms"] and off["batch1_passes"] >= 20
+
+
+def _gpubench(out: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "loadtests.gpubench", "--quick", "--out", str(out), *args],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def test_gpubench_saves_each_point_at_once_and_keeps_them_when_stopped(tmp_path):
+    """A device run cut short by its timeout must leave what it measured: results.json is
+    rewritten after every point, and SIGTERM stops the service and saves before exiting."""
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk not installed (apt-get install wrk; .ci/run installs it)")
+    out = tmp_path / "gpubench"
+    proc = _gpubench(out, "--variants", "fused-x1")
+    seen = []  # (offline measured, served points) of each version of results.json seen
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                results = json.loads((out / "results.json").read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                results = None  # not written yet (a half-written file is never seen: os.replace)
+            if results is not None:
+                seen.append((results["offline"] is not None, len(results["points"])))
+                if results["points"]:
+                    break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=150)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, output[-3000:]
+    # the file existed before the first served point, with the machine and then the offline limit
+    assert (False, 0) in seen and (True, 0) in seen and seen[-1][1] >= 1, seen
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is False and "signal 15" in results["interrupted"]
+    variant = results["variants"]["fused-x1"]
+    assert variant["status"] == "interrupted" and variant["replicas_confirmed"], variant
+    point = results["points"][0]
+    assert point["variant"] == "fused-x1" and point["payload"] == "cifar" and point["concurrency"] == 1
+    assert point["images_per_s"] > 0 and point["errors"] == 0 and point["service_cpu_ms_per_request"] > 0
+    assert point["x_offline"] == pytest.approx(point["images_per_s"] / results["offline"]["images_per_s"], rel=1e-3)
+    if not torch.cuda.is_available():
+        assert point["gpu"]["busy_fraction"] == "unknown"
+    assert "fused-x1" in (out / "table.txt").read_text() and "interrupted" in output
+    # the service it started is gone, by its port (the supervisor, Ray, the replica, HAProxy)
+    port = f"--port {variant['port']}"
+    assert not [p.pid for p in psutil.process_iter(["cmdline"]) if port in " ".join(p.info["cmdline"] or [])]
+    with tarfile.open(out / "service-logs.tar.gz") as tar:
+        assert "fused-x1.log" in tar.getnames()
+
+
+@pytest.mark.slow
+def test_gpubench_quick_runs_every_variant_on_the_cpu(tmp_path):
+    """The whole benchmark as the GPU machine runs it, with the CPU plan (about 5 minutes here)."""
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk not installed (apt-get install wrk; .ci/run installs it)")
+    if torch.cuda.is_available():
+        pytest.skip("the CPU plan; on a GPU run loadtests/device_check.sh")
+    out = tmp_path / "gpubench"
+    proc = _gpubench(out)
+    output = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, output[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"], results.get("interrupted")
+    assert set(results["variants"]) == {"fused-x1", "split-x2", "fused-x2", "split-x2-decode-off"}
+    assert all(v["status"] == "done" and v["replicas_confirmed"] for v in results["variants"].values())
+    by = {}
+    for p in results["points"]:
+        by.setdefault((p["variant"], p["payload"]), []).append(p["concurrency"])
+    for variant in ("fused-x1", "split-x2", "fused-x2"):
+        assert by[(variant, "cifar")] == [1, 16]
+    assert by[("split-x2", "photo640")] == [8] and by[("split-x2-decode-off", "photo640")] == [8]
+    assert all(p["errors"] == 0 and p["images_per_s"] > 0 for p in results["points"])
+    summary = results["summary"]
+    # multipart requests on the best variant of each topology, 32 images each
+    for topology in ("fused", "split"):
+        best = summary[f"best_{topology}"]
+        assert best["multipart_images_per_s"]["4"] > 0 and (best["variant"], "multipart32") in by
+    assert summary["photo_gpu_decode_over_cpu_decode"] > 0 and summary["errors"] == 0
+    assert "x off" in output and "CPU-ms/req" in (out / "table.txt").read_text()
