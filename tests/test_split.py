@@ -149,3 +149,24 @@ def test_the_deadline_holds_across_the_split_with_a_json_504(service):
             assert resp.json()["error"]["code"] == "timeout"
             assert took >= REQUEST_TIMEOUT_S - 1 - 0.05, took
     assert classify(service, fixture_jpegs(1)[0][1]).status_code == 200  # and the service still serves
+
+
+def test_explain_and_kernels_run_on_the_ingress_and_agree_with_the_model_deployment(service, model_info):  # noqa: F811
+    """/v1/explain and /v1/kernels use the ingress's CPU copy of the model; its top classes equal
+    what ConvModel answers for the same image through /v1/classify."""
+    for _, jpeg in fixture_jpegs(3):
+        explained = requests.post(
+            service.base + "/v1/explain",
+            data=jpeg,
+            headers={"Content-Type": "image/jpeg"},
+            params={"top_k": 3},
+            timeout=30,
+        )
+        assert explained.status_code == 200, explained.text
+        body = explained.json()
+        classified = classify(service, jpeg, top_k=3).json()["predictions"]
+        assert [p["label"] for p in body["predictions"]] == [p["label"] for p in classified]
+        for a, b in zip(body["predictions"], classified, strict=True):
+            assert abs(a["score"] - b["score"]) < 1e-4
+    kernels = requests.get(service.base + "/v1/kernels", params={"layer": "stage1"}, timeout=10)
+    assert kernels.status_code == 200 and kernels.json()["model"] == model_info["model"]
