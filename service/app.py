@@ -1,9 +1,11 @@
-"""The Ray Serve application: a thin FastAPI + `@serve.batch` layer around BatchedPredictor.
+"""The Ray Serve application: the `ConvServe` deployment, thin FastAPI routes around the batcher.
 
-Per request, on the replica's event loop: read and limit the body, decode and preprocess each
-image (so a bad image fails alone, before it can join a batch), then await the batched method.
-The batched method runs the forward pass in a worker thread, so the event loop keeps accepting
-and decoding requests, and the next batch fills while this one computes.
+Per request, on the replica's event loop: read and limit the body, decode and resize each image
+(so a bad image fails alone, before it can join a batch), then hand the items to the batcher:
+`fused`, this replica's own ModelBatcher (service/batcher.py: `@serve.batch`, the forward pass on
+worker threads, so the event loop keeps accepting and decoding while a batch computes); `split`,
+the ConvModel deployment through a DeploymentHandle (service/model_app.py), which batches the
+items of every ingress replica.
 """
 
 import asyncio
@@ -25,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model import DEFAULT_BUNDLE, load_bundle
 from service import oip, oip_grpc
-from service.batcher import ModelBatcher
+from service.batcher import ModelBatcher, make_predictor
 from service.config import MAX_BATCH_SIZE_LIMIT, BatchingConfig, ServeConfig
 from service.decode import check_pixels, decode_image_bytes, jpeg_size, sniff_format
 from service.errors import ApiError, bad_request, not_found, timed_out
@@ -161,14 +163,7 @@ class ConvServe:
         self.bundle = load_bundle(self.config.bundle_path or DEFAULT_BUNDLE)
         self.layer_names = [info.name for info in self.bundle.layers]
         if model is None:
-            self.predictor = BatchedPredictor(
-                self.bundle,
-                self.config.device,
-                self.config.amp_dtype,
-                self.config.channels_last,
-                self.config.noop_forward,
-                self.config.limits.max_image_pixels,
-            )
+            self.predictor = make_predictor(self.config, self.bundle)
             self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, self.predictor.device.type)
             self.batcher = ModelBatcher(self.config, self.bundle, self.metrics, self.predictor)
             self.lanes = self.batcher.lanes  # /v1/explain's pass runs on them too

@@ -31,6 +31,18 @@ log = logging.getLogger("convserve")
 PACING_MARGIN_S = 0.003  # the next batch is handed over this long before the forward thread is free
 
 
+def make_predictor(config: ServeConfig, bundle: Bundle) -> BatchedPredictor:
+    """The predictor the service's settings describe (the fused replica's and ConvModel's)."""
+    return BatchedPredictor(
+        bundle,
+        config.device,
+        config.amp_dtype,
+        config.channels_last,
+        config.noop_forward,
+        config.limits.max_image_pixels,
+    )
+
+
 class ModelBatcher:
     """`await run(items, deadline)`: one result per item, computed in shared batches."""
 

@@ -15,6 +15,7 @@ import logging
 import re
 import struct
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -48,12 +49,13 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's start-of-frame marker, or None if none is found."""
+def jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(marker, offset, length) of each JPEG segment up to and including the start of scan, in
+    order; stops early at anything that is not a marker (a corrupt or truncated header)."""
     i, n = 2, len(data)
-    while i + 9 < n:
+    while i + 3 < n:
         if data[i] != 0xFF:
-            return None
+            return
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
@@ -62,11 +64,25 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
             i += 2
             continue
         length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
+        yield marker, i, length
+        if marker == 0xDA:  # start of scan: entropy-coded data follows its header
+            return
+        i += 2 + length
+
+
+def is_start_of_frame(marker: int) -> bool:
+    return 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)  # SOFn, not DHT/JPG/DAC
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame marker, or None if none is found."""
+    for marker, i, _ in jpeg_segments(data):
+        if is_start_of_frame(marker):
+            if i + 9 >= len(data):
+                return None
             height = int.from_bytes(data[i + 5 : i + 7], "big")
             width = int.from_bytes(data[i + 7 : i + 9], "big")
             return width, height
-        i += 2 + length
     return None
 
 

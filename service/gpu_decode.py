@@ -36,7 +36,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from model.presets import EvalPreset
-from service.decode import check_pixels, jpeg_size, sniff_format
+from service.decode import check_pixels, is_start_of_frame, jpeg_segments, jpeg_size, sniff_format
 from service.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -117,26 +117,15 @@ def _admit(data: bytes, max_pixels: int) -> int:
 
 def _jpeg_segments(data: bytes) -> tuple[int | None, bytes | None, int | None]:
     """(components in the frame header, payload of the first APP1 segment, offset of the first
-    scan's data): the markers before the first scan, walked as service.decode.jpeg_size does."""
-    components, app1, i, n = None, None, 2, len(data)
-    while i + 3 < n:
-        if data[i] != 0xFF:
-            break
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
-            i += 2
-            continue
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if marker == 0xDA:  # start of scan: the entropy-coded data follows its header
+    scan's data), from the markers before the first scan (service.decode.jpeg_segments)."""
+    components, app1 = None, None
+    for marker, i, length in jpeg_segments(data):
+        if marker == 0xDA:
             return components, app1, i + 2 + length
         if marker == 0xE1 and app1 is None:
             app1 = data[i + 4 : i + 2 + length]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and i + 9 < n:  # SOFn
+        if is_start_of_frame(marker) and i + 9 < len(data):
             components = data[i + 9]
-        i += 2 + length
     return components, app1, None
 
 

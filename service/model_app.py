@@ -26,11 +26,11 @@ import torch
 from ray import serve
 
 from model import DEFAULT_BUNDLE, load_bundle
-from service.batcher import ModelBatcher
+from service.batcher import ModelBatcher, make_predictor
 from service.config import MAX_BATCH_SIZE_LIMIT, BatchingConfig, ServeConfig
 from service.grouping import Grouper
 from service.metrics import ServiceMetrics
-from service.predictor import BatchedPredictor, ItemError, ItemResult, WorkItem, keep_large_allocations
+from service.predictor import ItemError, ItemResult, WorkItem, keep_large_allocations
 
 log = logging.getLogger("convserve")
 
@@ -52,14 +52,7 @@ class ConvModel:
             torch.set_num_threads(self.config.torch_threads)
         keep_large_allocations()  # the forward thread reuses activation memory (service/predictor.py)
         self.bundle = load_bundle(self.config.bundle_path or DEFAULT_BUNDLE)
-        predictor = BatchedPredictor(
-            self.bundle,
-            self.config.device,
-            self.config.amp_dtype,
-            self.config.channels_last,
-            self.config.noop_forward,
-            self.config.limits.max_image_pixels,
-        )
+        predictor = make_predictor(self.config, self.bundle)
         self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, predictor.device.type)
         self.batcher = ModelBatcher(self.config, self.bundle, self.metrics, predictor)
         self.calls = 0  # infer() calls and the items they carried: what the ingress's grouping saves
