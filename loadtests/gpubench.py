@@ -584,8 +584,8 @@ def run_variant(
             server_log = Path(os.environ.get("TMPDIR", "/tmp")) / f"convserve-{svc.port}" / "service.log"
             if server_log.exists():
                 (run.log_dir / f"{v.name}-server.log").write_bytes(_tail(server_log))
-        except OSError:
-            pass
+        except OSError as e:  # the figures are saved below either way; say which log is missing
+            print(f"gpubench: {v.name}: could not keep its logs ({e})", flush=True)
         run.save()
         run.pack_logs()
 
