@@ -103,22 +103,12 @@ def machine_info() -> dict:
     return info
 
 
-def service_settings() -> dict:
-    """The application's settings as `python -m service` resolves them (the Serve config file's
-    args, then CONVSERVE_* variables), and the file's max_batch_size (user_config wins)."""
-    from service.config import ServeConfig
-    from service.serve_config import app_entry, deployment_entry, load_serve_config
+def service_config():
+    """The application's settings as `python -m service` resolves them: the Serve config file's
+    args and user_config, then CONVSERVE_* variables (service/server.py)."""
+    from service.server import config_from_args, parse_args
 
-    doc = load_serve_config()
-    config = ServeConfig.from_env(app_entry(doc).get("args") or {})
-    user = deployment_entry(doc).get("user_config") or {}
-    max_batch = int(os.environ.get("CONVSERVE_MAX_BATCH_SIZE") or user.get("max_batch_size") or 32)
-    return {
-        "device": config.device,
-        "amp_dtype": config.amp_dtype,
-        "channels_last": config.channels_last,
-        "max_batch_size": max_batch,
-    }
+    return config_from_args(parse_args([]))
 
 
 # --- the offline limit -----------------------------------------------------------------------
@@ -130,11 +120,12 @@ def offline_limit(batch_sizes: list[int], seconds: float, latency_iters: int = 2
     timed for `seconds`), and batch-1 latency (p50 of `latency_iters` passes, each between two
     CUDA synchronizations)."""
     from model import DEFAULT_BUNDLE, load_bundle
-    from service.predictor import BatchedPredictor, WorkItem
+    from service.batcher import make_predictor
+    from service.predictor import WorkItem
 
-    settings = service_settings()
-    bundle = load_bundle(DEFAULT_BUNDLE)
-    predictor = BatchedPredictor(bundle, settings["device"], settings["amp_dtype"], settings["channels_last"])
+    config = service_config()
+    bundle = load_bundle(config.bundle_path or DEFAULT_BUNDLE)
+    predictor = make_predictor(config, bundle)
     cuda = predictor.device.type == "cuda"
 
     def sync() -> None:
@@ -170,7 +161,7 @@ def offline_limit(batch_sizes: list[int], seconds: float, latency_iters: int = 2
             break
     times.sort()
     best = max(by_batch, key=lambda b: by_batch[b]["images_per_s"])
-    within = [b for b in by_batch if b <= settings["max_batch_size"]]
+    within = [b for b in by_batch if b <= config.batching.max_batch_size]
     best_within = max(within, key=lambda b: by_batch[b]["images_per_s"]) if within else best
     return {
         "device": str(predictor.device),
@@ -182,7 +173,7 @@ def offline_limit(batch_sizes: list[int], seconds: float, latency_iters: int = 2
         "by_batch": by_batch,
         "images_per_s": by_batch[best]["images_per_s"],
         "best_batch_size": best,
-        "service_max_batch_size": settings["max_batch_size"],
+        "service_max_batch_size": config.batching.max_batch_size,
         "images_per_s_within_service_max_batch": by_batch[best_within]["images_per_s"],
         "batch1_p50_ms": round(times[len(times) // 2], 3),
         "batch1_p90_ms": round(times[int(len(times) * 0.9)], 3),

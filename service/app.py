@@ -165,7 +165,7 @@ class ConvServe:
         if model is None:
             self.predictor = make_predictor(self.config, self.bundle)
             self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, self.predictor.device.type)
-            self.batcher = ModelBatcher(self.config, self.bundle, self.metrics, self.predictor)
+            self.batcher = ModelBatcher(self.config, self.metrics, self.predictor)
             self.lanes = self.batcher.lanes  # /v1/explain's pass runs on them too
             self.remote = None
         else:

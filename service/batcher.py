@@ -1,7 +1,7 @@
 """The batching core: work items from many requests -> full forward passes on the lanes.
 
 Everything between "an image is decoded" and "its result is ready", in one object that both
-topologies use (service/topology.py): the `fused` replica holds one next to its HTTP routes, the
+topologies use (service/app.py): the `fused` replica holds one next to its HTTP routes, the
 `split` topology's model replica (service/model_app.py) holds one behind a DeploymentHandle.
 
 - `@serve.batch` groups items into batches (Ray's batching utility: a queue on this object);
@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 
+import torch
 from ray import serve
 
 from model.bundle import Bundle
@@ -44,17 +45,16 @@ def make_predictor(config: ServeConfig, bundle: Bundle) -> BatchedPredictor:
 
 
 class ModelBatcher:
-    """`await run(items, deadline)`: one result per item, computed in shared batches."""
+    """`await run(items)`: one result per item, computed in shared batches."""
 
-    def __init__(self, config: ServeConfig, bundle: Bundle, metrics: ServiceMetrics, predictor: BatchedPredictor):
+    def __init__(self, config: ServeConfig, metrics: ServiceMetrics, predictor: BatchedPredictor):
         self.config = config
-        self.bundle = bundle
         self.metrics = metrics
         self.predictor = predictor
         self._calls = 0  # run() calls in progress: when only one is, no other can join its batch
         # Forward lanes: batches compute side by side on their share of the cores, while the event
         # loop keeps decoding (service/lanes.py).
-        threads = config.torch_threads or __import__("torch").get_num_threads()
+        threads = config.torch_threads or torch.get_num_threads()
         lanes = config.forward_lanes or default_lanes(predictor.device.type, threads)
         self.lanes = ForwardLanes(lanes, threads)
         sizes = config.warmup_batch_sizes or default_warmup_sizes(
@@ -76,7 +76,6 @@ class ModelBatcher:
         # Holds requests while every lane is busy, and lets them form the next batch just before
         # one is free (service/pacing.py).
         self.pacer = ForwardPacer(PACING_MARGIN_S, seed_durations_s=timings, lanes=lanes)
-        self._waiting_alone = False
         self.apply(config.batching)
 
     def apply(self, batching: BatchingConfig) -> None:

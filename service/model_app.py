@@ -9,9 +9,8 @@
 
 What travels is what the model needs: uint8 [3, S, S] images (3 KB for a CIFAR image; objects
 under 100 KiB go inline in Ray's RPC), never a float copy four times larger, and as NumPy arrays,
-not torch tensors: pickle serialises a torch tensor through torch.save and torch.load, which
-made the split topology's no-op service cost twice the fused one's CPU per request (`python -m
-loadtests.bench --overhead`); NumPy arrays travel as raw buffers. Each ingress
+not torch tensors: pickle serialises a torch tensor through torch.save and torch.load on each
+side, a NumPy array as its raw buffer. Each ingress
 replica groups its requests' items into one call (service/grouping.py); the model replica's
 `@serve.batch` groups the calls of every ingress replica into forward passes.
 """
@@ -54,7 +53,7 @@ class ConvModel:
         self.bundle = load_bundle(self.config.bundle_path or DEFAULT_BUNDLE)
         predictor = make_predictor(self.config, self.bundle)
         self.metrics = ServiceMetrics(MAX_BATCH_SIZE_LIMIT, predictor.device.type)
-        self.batcher = ModelBatcher(self.config, self.bundle, self.metrics, predictor)
+        self.batcher = ModelBatcher(self.config, self.metrics, predictor)
         self.calls = 0  # infer() calls and the items they carried: what the ingress's grouping saves
         self.items = 0
 
@@ -98,7 +97,7 @@ class ConvModel:
 
 
 class RemoteModel:
-    """The ingress's side: `run(items, deadline_s)` through a Grouper and the handle."""
+    """The ingress's side: `run(items, budget_s)` through a Grouper and the handle."""
 
     def __init__(self, handle, max_items: int, wait_s: float | None):
         """`wait_s` None: no grouping, one call per request (to measure what grouping buys)."""

@@ -17,6 +17,9 @@ import torch
 
 from model.bundle import Bundle
 from model.layers import capture
+from service.decode import decode_image_bytes
+from service.errors import ApiError
+from service.gpu_decode import decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +132,6 @@ class BatchedPredictor:
         """Decode the batch's encoded JPEGs on the model's device in one call; what that path does
         not take is decoded on the CPU, one at a time, and an image that cannot be decoded fails
         alone with the 4xx the CPU path gives it. Returns those failures by item index."""
-        from service.decode import decode_image_bytes
-        from service.errors import ApiError
-        from service.gpu_decode import decode_batch
-
         encoded = [i for i, item in enumerate(items) if item.encoded is not None]
         if not encoded:
             return {}
