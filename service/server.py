@@ -104,10 +104,10 @@ def configure_ingress_env(ingress: str, binary: str | None, port: int) -> None:
 #   machine that is CPU the forward pass gets back. Replicas still report autoscaling metrics at
 #   Ray's own intervals; a replica failure is noticed up to 0.4 s later.
 # - DeploymentHandle calls (the split topology's ingress -> model) routed on the replica's own
-#   loop, and sent over gRPC with the result in the reply, not as a Ray object reference: the
-#   split topology's no-op service (`python -m loadtests.bench --overhead`, wrk 64 connections,
-#   two runs each way) did 984-1007 req/s at 1.52-1.57 CPU-ms per request with Ray's defaults,
-#   1522-1530 req/s at 1.03-1.05 with both (Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED sets them too).
+#   loop, and sent over gRPC with the result in the reply, not as a Ray object reference (Ray's
+#   RAY_SERVE_THROUGHPUT_OPTIMIZED sets both). `python -m loadtests.bench --overhead` with and
+#   without them (README "Topologies"): no measurable difference while the ingress groups its
+#   calls; 4.51-4.66 against 5.23 CPU-ms per request when every request is its own call.
 REPLICA_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
