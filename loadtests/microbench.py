@@ -7,6 +7,7 @@ measured alone, without Ray or HTTP.
     OMP_NUM_THREADS=1 python -m loadtests.microbench threads --keep-large-allocations
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=passive python -m loadtests.microbench threads
     python -m loadtests.microbench lanes [--hog]   # one 2-thread forward vs two 1-thread lanes side by side
+    python -m loadtests.microbench teams     # a thread's 2-thread forward: the only team, then beside another
 
 `threads` mimics a replica (Ray sets OMP_NUM_THREADS from num_cpus: 1; set it as above): torch on
 --torch-threads threads, the embedded model in a BatchedPredictor, the p50 of --repeats passes at
@@ -168,9 +169,71 @@ def lanes_img_per_s(batch_size: int = 16, seconds: float = 4.0, hog: bool = Fals
     return {"one 2-thread pass": round(one, 1), "two 1-thread lanes": round(lanes, 1)}
 
 
+def teams_ms(repeats: int, threads: int) -> dict[str, dict[int, float]]:
+    """p50 ms of the forward pass at batch 1 and 32 on one worker thread with `threads` threads:
+    while its OpenMP team is the only one in the process, then while another live thread also has
+    one. With more team threads than CPUs, libgomp spins about 100 times at a barrier instead of
+    some 300,000 and sleeps in the kernel (why service/lanes.py gives one lane a wide team)."""
+    import queue
+    import threading
+
+    from model import DEFAULT_BUNDLE, load_bundle
+    from service.lanes import claim_threads, set_team_size
+    from service.predictor import BatchedPredictor, WorkItem, keep_large_allocations
+
+    claim_threads(threads)
+    keep_large_allocations()
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    predictor = BatchedPredictor(bundle, "cpu", "bf16", True)
+    size = bundle.preprocess.input_size
+
+    def p50_ms(batch_size: int) -> float:
+        items = [WorkItem(torch.randn(3, size, size), top_k=1) for _ in range(batch_size)]
+        predictor.predict(items)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            predictor.predict(items)
+            times.append(time.perf_counter() - start)
+            time.sleep(0.002)  # requests arrive with gaps
+        return 1000 * statistics.median(times)
+
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+
+    def worker() -> None:
+        set_team_size(threads)
+        while (job := jobs.get()) is not None:
+            job()
+
+    def on_worker() -> dict[int, float]:
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        jobs.put(lambda: done.put({bs: round(p50_ms(bs), 2) for bs in (1, 32)}))
+        return done.get()
+
+    measuring = threading.Thread(target=worker, daemon=True)
+    measuring.start()
+    out = {"the only team": on_worker()}
+    stop = threading.Event()
+
+    def other_team() -> None:  # a second team that stays alive (a pool lives as long as its thread)
+        set_team_size(threads)
+        torch.randn(256, 4096).mul(2.0)
+        stop.wait()
+
+    other = threading.Thread(target=other_team, daemon=True)
+    other.start()
+    time.sleep(0.5)
+    out["beside another team"] = on_worker()
+    stop.set()
+    jobs.put(None)
+    other.join()
+    measuring.join()  # a thread with an OpenMP team still running at exit aborts the process
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["decode", "threads", "lanes"])
+    p.add_argument("what", choices=["decode", "threads", "lanes", "teams"])
     p.add_argument("--hog", action="store_true", help="lanes: a process beside it takes about a third of a core")
     p.add_argument("--batch-size", type=int, default=16, help="lanes: images per forward (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=30, help="(default: %(default)s)")
@@ -189,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.what == "lanes":
         for how, rate in lanes_img_per_s(a.batch_size, hog=a.hog).items():
             print(f"{how}: {rate:.0f} img/s at batch {a.batch_size}{' (with a hog beside it)' if a.hog else ''}")
+        return 0
+    if a.what == "teams":
+        for where, by_batch in teams_ms(a.repeats * 5, a.torch_threads).items():
+            print(f"{a.torch_threads}-thread forward on a worker thread, {where}: p50 ms by batch size {by_batch}")
         return 0
     torch.set_num_threads(a.torch_threads)
     if a.keep_large_allocations:

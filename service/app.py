@@ -43,7 +43,7 @@ from service.explain import (
 from service.explain import explain as explain_image
 from service.featuremaps import layer_json, to_npy, to_png_grid
 from service.inputs import RAW_IMAGE_TYPES, ImageRequest, parse_top_k, read_body, read_images, single_image
-from service.lanes import ForwardLanes
+from service.lanes import ForwardLanes, claim_threads
 from service.metrics import ServiceMetrics
 from service.middleware import (
     admission_gate,
@@ -157,8 +157,8 @@ class ConvServe:
         this replica batches and computes itself."""
         self.config = ServeConfig.from_env(config)
         configure_middleware(self.config)
-        if self.config.torch_threads and model is None:
-            torch.set_num_threads(self.config.torch_threads)
+        if model is None:  # the forward lanes' threads; one for everything else (service/lanes.py)
+            self.config = self.config.model_copy(update={"torch_threads": claim_threads(self.config.torch_threads)})
         keep_large_allocations()  # the forward thread reuses activation memory (service/predictor.py)
         self.bundle = load_bundle(self.config.bundle_path or DEFAULT_BUNDLE)
         self.layer_names = [info.name for info in self.bundle.layers]

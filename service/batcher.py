@@ -54,18 +54,17 @@ class ModelBatcher:
         self._calls = 0  # run() calls in progress: when only one is, no other can join its batch
         # Forward lanes: batches compute side by side on their share of the cores, while the event
         # loop keeps decoding (service/lanes.py).
-        threads = config.torch_threads or torch.get_num_threads()
+        threads = config.torch_threads or torch.get_num_threads()  # the replica's claim_threads
         lanes = config.forward_lanes or default_lanes(predictor.device.type, threads)
         self.lanes = ForwardLanes(lanes, threads)
         sizes = config.warmup_batch_sizes or default_warmup_sizes(
             config.batching.max_batch_size, every_size=predictor.device.type == "cuda"
         )
-        # Warm up on the lanes themselves, with each thread count they will use: OpenMP keeps a
-        # thread team per OS thread, and a team created elsewhere (here, the constructor's) slowed
-        # the forward thread's 32-image pass by about 5% (`python -m loadtests.microbench threads`).
+        # Warm up on the lanes themselves, with each thread count they will use (OpenMP keeps a
+        # team per OS thread; only the wide lane has one of more than a thread, service/lanes.py).
         # The first pass per size pays one-time costs; the second is timed, lanes side by side.
-        for n in sorted({self.lanes.torch_threads, self.lanes.shared_threads}):
-            self.lanes.on_every_lane(lambda: predictor.warmup(sizes), threads=n)
+        self.lanes.on_wide_lane(lambda: predictor.warmup(sizes))
+        self.lanes.on_every_lane(lambda: predictor.warmup(sizes), threads=self.lanes.shared_threads)
         timings = self.lanes.on_every_lane(lambda: predictor.warmup(sizes), threads=self.lanes.shared_threads)[0]
         if predictor.device.type == "cuda" and config.model_decode != "off":
             # nvjpeg's first call sets up its handles and buffers: not in the first photo's request

@@ -10,10 +10,18 @@ embedded model's forward pass at batch 16 did 208 and 199 img/s with one 2-threa
 fell to 139 and 133 img/s and the lanes kept 190 and 192. A lane on one thread has no barrier to
 wait at.
 
-A batch that starts while no other batch is computing gets all `torch_threads` (a single request
-on an idle replica is served as fast as the offline single-image pass); batches that overlap get
-`torch_threads // lanes` each. Torch's thread count is per OS thread under OpenMP
-(`torch.set_num_threads` sets the calling thread's team size), so each lane sets its own.
+A batch that starts while no other batch is computing runs on lane 0, the *wide* lane, with all
+`torch_threads` (a single request on an idle replica is served as fast as the offline
+single-image pass); batches that overlap get `torch_threads // lanes` each. Under OpenMP the team
+size is per OS thread, so each lane sets its own (`set_team_size`).
+
+Only the wide lane ever has a team of more than one thread, and every other thread of the process
+computes on one (`claim_threads`). libgomp spins only about a hundred times, instead
+of some 300,000, at each barrier once the worker threads of all teams in the process outnumber
+the CPUs: a barrier then sleeps and wakes through the kernel. On the 2-core machine a second
+2-thread team anywhere in the process (the constructor's, or the other lane's) made every 2-thread
+pass of the wide lane slower than a 1-thread pass: an elementwise op 36 us -> 210 us, the batch-1
+forward 6.6 -> 9.3 ms (`python -m loadtests.microbench teams`).
 
 Pure threads and torch: no Ray, no asyncio.
 """
@@ -21,6 +29,7 @@ Pure threads and torch: no Ray, no asyncio.
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import os
 import queue
@@ -54,6 +63,41 @@ def lower_priority(increment: int) -> int | None:
         return None
 
 
+def _find_omp_set_num_threads() -> Callable[[int], None] | None:
+    """libgomp's `omp_set_num_threads`, which torch has loaded: it sizes the calling thread's team
+    alone. torch.set_num_threads also sets torch's process-wide default, which every thread that
+    has not computed yet picks up at its first op."""
+    try:
+        fn = ctypes.CDLL(None).omp_set_num_threads
+    except (OSError, AttributeError):  # not OpenMP (another torch build or platform)
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = None
+    return fn
+
+
+_OMP_SET_NUM_THREADS = _find_omp_set_num_threads()
+
+
+def set_team_size(threads: int) -> None:
+    """This OS thread's intra-op team size, leaving torch's process-wide default alone."""
+    torch.get_num_threads()  # torch's per-thread first-use setup (it would reset the size below)
+    if _OMP_SET_NUM_THREADS is None:
+        torch.set_num_threads(threads)
+    else:
+        _OMP_SET_NUM_THREADS(threads)
+
+
+def claim_threads(torch_threads: int | None) -> int:
+    """The wide lane's team size (`torch_threads`, else torch's default here: Ray derives it from
+    the replica's `num_cpus`), and from now on one thread for this thread and for every other
+    thread of the process but the lanes. Call it first in a replica, before any torch work (see
+    the module docstring for why)."""
+    threads = torch_threads or torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
+
+
 def default_lanes(device_type: str, torch_threads: int) -> int:
     """One lane on a GPU (one stream keeps it busy); on a CPU, a lane per thread, at most two."""
     if device_type == "cuda":
@@ -62,11 +106,12 @@ def default_lanes(device_type: str, torch_threads: int) -> int:
 
 
 class ForwardLanes:
-    """`lanes` worker threads; a batch goes to the lane that went idle last (a stack, not a queue),
-    so that at low load one lane, its OpenMP team and its caches stay warm instead of the lanes
-    taking turns (measured by hand offline, batch 1 with 5 ms gaps, one run each on a noisy
-    machine: 14.8 and 18.6 ms taking turns against 12.9 and 14.1 ms on one lane).
-    Batches that find every lane busy wait in order."""
+    """`lanes` worker threads. A batch that finds nothing computing goes to the wide lane 0 (all
+    threads); otherwise to the lane that went idle last (a stack, not a queue), so that at low load
+    one lane, its OpenMP team and its caches stay warm instead of the lanes taking turns (measured
+    by hand offline, batch 1 with 5 ms gaps, one run each on a noisy machine: 14.8 and 18.6 ms
+    taking turns against 12.9 and 14.1 ms on one lane). Batches that find every lane busy wait in
+    order."""
 
     def __init__(self, lanes: int, torch_threads: int):
         self.lanes = max(1, lanes)
@@ -94,6 +139,9 @@ class ForwardLanes:
         with self._lock:
             if lane is not None:
                 self._inboxes[lane].put(task)  # warm-up: this lane, busy or not
+            elif self._running == 0 and 0 in self._idle:
+                self._idle.remove(0)
+                self._inboxes[0].put(task)  # alone: the wide lane
             elif self._idle:
                 self._inboxes[self._idle.pop()].put(task)
             else:
@@ -108,7 +156,7 @@ class ForwardLanes:
             if task is None:
                 return
             while task is not None:
-                self._run(*task)
+                self._run(lane, *task)
                 with self._lock:
                     if self._pending:
                         task = self._pending.popleft()
@@ -117,16 +165,18 @@ class ForwardLanes:
                         if lane not in self._idle:
                             self._idle.append(lane)
 
-    def _run(self, future: Future, fn: Callable, args: tuple, threads: int | None) -> None:
+    def _run(self, lane: int, future: Future, fn: Callable, args: tuple, threads: int | None) -> None:
         if not future.set_running_or_notify_cancel():
             return
         with self._lock:
+            widest = self.torch_threads if lane == 0 else self.shared_threads
             if threads is None:
-                threads = self.torch_threads if self._running == 0 else self.shared_threads
+                threads = widest if self._running == 0 else self.shared_threads
+            threads = min(threads, widest)
             self._running += 1
         try:
             if getattr(self._local, "threads", None) != threads:
-                torch.set_num_threads(threads)  # this OS thread's OpenMP team size
+                set_team_size(threads)
                 self._local.threads = threads
             future.set_result(fn(*args))
         except BaseException as e:  # noqa: BLE001 - handed to the caller, as an executor does
@@ -136,10 +186,14 @@ class ForwardLanes:
                 self._running -= 1
 
     def on_every_lane(self, fn: Callable[[], T], threads: int) -> list[T]:
-        """Run `fn()` once on each lane's own thread, all at once, with `threads` each (warm-up:
-        OpenMP keeps a team per thread, and each lane's first passes pay one-time costs)."""
+        """Run `fn()` once on each lane's own thread, all at once, with `threads` each (at most what
+        that lane may use; warm-up: each lane's first passes pay one-time costs)."""
         futures = [self._submit(fn, (), threads, lane=i) for i in range(self.lanes)]
         return [f.result() for f in futures]
+
+    def on_wide_lane(self, fn: Callable[[], T]) -> T:
+        """Run `fn()` on the wide lane with all its threads (warm-up)."""
+        return self._submit(fn, (), self.torch_threads, lane=0).result()
 
     def shutdown(self) -> None:
         for inbox in self._inboxes:

@@ -28,6 +28,7 @@ from model import DEFAULT_BUNDLE, load_bundle
 from service.batcher import ModelBatcher, make_predictor
 from service.config import MAX_BATCH_SIZE_LIMIT, BatchingConfig, ServeConfig
 from service.grouping import Grouper
+from service.lanes import claim_threads
 from service.metrics import ServiceMetrics
 from service.predictor import ItemError, ItemResult, WorkItem, keep_large_allocations
 
@@ -47,8 +48,8 @@ log = logging.getLogger("convserve")
 class ConvModel:
     def __init__(self, config: dict | None = None):
         self.config = ServeConfig.from_env(config)
-        if self.config.torch_threads:
-            torch.set_num_threads(self.config.torch_threads)
+        # the forward lanes' threads; one for everything else (service/lanes.py)
+        self.config = self.config.model_copy(update={"torch_threads": claim_threads(self.config.torch_threads)})
         keep_large_allocations()  # the forward thread reuses activation memory (service/predictor.py)
         self.bundle = load_bundle(self.config.bundle_path or DEFAULT_BUNDLE)
         predictor = make_predictor(self.config, self.bundle)
