@@ -48,6 +48,7 @@ from service.metrics import ServiceMetrics
 from service.middleware import (
     admission_gate,
     admission_limit,
+    admission_limit_overloaded,
     count_refusals_with,
     count_refused,
     error_body,
@@ -430,6 +431,7 @@ class ConvServe:
                 "topology": self.config.topology,
                 "batching": self.config.batching.model_dump(),
                 "admission_limit": admission_limit(),  # follows max_batch_size (service/middleware.py)
+                "admission_limit_overloaded": admission_limit_overloaded(),  # while refusing
                 # split: one model replica's counters (the handle picks the replica)
                 **({"model_replica": await self.remote.handle.describe.remote()} if self.remote else {}),
             }

@@ -127,6 +127,12 @@ class ServeConfig(BaseModel):
         description="admission control: 503 `overloaded` at once while this many batches of max_batch_size "
         "requests are in the replica, so an admitted request waits about this many batch durations; 0 = off",
     )
+    admission_batches_overloaded: float = Field(
+        2.5,
+        gt=0,
+        description="the admission limit in batches while the replica is refusing (a refusal in the last "
+        "second): under sustained overload admitted requests wait this many batches, not admission_batches",
+    )
     auth_token: SecretStr | None = Field(
         None, description="bearer token required on /v1/* (CONVSERVE_AUTH_TOKEN); None = no auth"
     )

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,22 +110,57 @@ class AdmissionGate:
     follow the measured completion rate: a rate-based limit fell when refusals took CPU from the
     forward pass, which refused more (the retry storm of issue 15). A closed loop of N clients
     holds at most N requests, so with N <= the limit nobody is refused.
+
+    Overloaded: once it has refused a request, and until it has refused none for `HOLD_S`, the
+    limit is `overloaded_batches` batches instead. Under sustained overload the replica is full
+    whatever the limit, and every admitted request waits for all the requests ahead of it, so a
+    lower limit is a shorter wait at the same goodput, as long as the next batches are still
+    formed when a lane frees (2.5 batches on two lanes: two computing, half of the next waiting).
+    A closed loop within the normal limit is never refused, so it never sees the lower one: it
+    keeps room for 4 batches of bench's 128 connections, while open-loop overload waits 2.5.
     """
 
     # Whatever the batch size, this many requests are admitted (if the cap allows): with tiny
     # batches (max_batch_size 1, batching off) a limit of a few batches refused an ordinary
     # closed loop of 32 clients into a retry storm (22,246 refusals in 10 s).
     FLOOR = 64
+    HOLD_S = 1.0  # overloaded for this long after the last refusal
 
-    def __init__(self, max_batch_size: int, batches: float, cap: int):
+    def __init__(
+        self,
+        max_batch_size: int,
+        batches: float,
+        cap: int,
+        overloaded_batches: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.cap = max(1, cap)
         self.batches = batches
+        self.overloaded_batches = batches if overloaded_batches is None else min(batches, overloaded_batches)
         self.max_batch_size = max_batch_size
         self.in_flight = 0
+        self.clock = clock
+        self._refused_at = -math.inf
+
+    def _limit(self, batches: float) -> int:
+        return max(1, min(self.cap, max(self.FLOOR, math.ceil(batches * self.max_batch_size))))
+
+    @property
+    def overloaded(self) -> bool:
+        return self.clock() - self._refused_at < self.HOLD_S
+
+    @property
+    def normal_limit(self) -> int:
+        return self._limit(self.batches)
+
+    @property
+    def overloaded_limit(self) -> int:
+        return self._limit(self.overloaded_batches)
 
     @property
     def limit(self) -> int:
-        return max(1, min(self.cap, max(self.FLOOR, math.ceil(self.batches * self.max_batch_size))))
+        """The limit now: the overloaded one while refusing."""
+        return self.overloaded_limit if self.overloaded else self.normal_limit
 
     def resize(self, max_batch_size: int) -> None:
         """A new max_batch_size (live reconfigure): the limit follows it."""
@@ -132,6 +168,7 @@ class AdmissionGate:
 
     def try_enter(self) -> bool:
         if self.in_flight >= self.limit:
+            self._refused_at = self.clock()
             return False
         self.in_flight += 1
         return True
@@ -179,6 +216,7 @@ def configure(config: ServeConfig, max_ongoing_requests: int | None = None) -> N
     SETTINGS.gate = AdmissionGate(
         max_batch_size=config.batching.max_batch_size,
         batches=config.admission_batches,
+        overloaded_batches=config.admission_batches_overloaded,
         # Below max_ongoing_requests: at it, requests would wait in Ray's queue, unseen by this guard,
         # since a request holds a Ray slot for a moment before the guard answers it (measured: at
         # cap = max_ongoing_requests, 4x overload filled Ray's queue and accepted p99 rose 4-fold).
@@ -203,8 +241,13 @@ def grpc_token() -> bytes | None:
 
 
 def admission_limit() -> int | None:
-    """Requests admitted into this replica at once now (None: admission control off)."""
-    return SETTINGS.gate.limit if SETTINGS.gate is not None else None
+    """Requests admitted into this replica at once (None: admission control off)."""
+    return SETTINGS.gate.normal_limit if SETTINGS.gate is not None else None
+
+
+def admission_limit_overloaded() -> int | None:
+    """The same while the replica is refusing (AdmissionGate, overloaded)."""
+    return SETTINGS.gate.overloaded_limit if SETTINGS.gate is not None else None
 
 
 def replica_max_ongoing_requests() -> int:

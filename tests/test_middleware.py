@@ -125,6 +125,26 @@ def test_a_closed_loop_within_the_limit_is_never_refused():
         assert gate.try_enter()
 
 
+def test_once_refusing_the_gate_holds_fewer_until_a_second_passes_without_refusals():
+    now = [0.0]
+    gate = AdmissionGate(max_batch_size=32, batches=4, cap=240, overloaded_batches=2.5, clock=lambda: now[0])
+    assert (gate.normal_limit, gate.overloaded_limit, gate.limit) == (128, 80, 128)
+    assert all(gate.try_enter() for _ in range(128)) and not gate.try_enter()  # open loop past capacity
+    assert gate.overloaded and gate.limit == 80
+    for _ in range(48):  # completions: nothing is admitted until fewer than 80 are in
+        gate.leave()
+        now[0] += 0.01
+        assert not gate.try_enter()
+    gate.leave()
+    assert gate.in_flight == 79 and gate.try_enter() and not gate.try_enter()
+    now[0] += 0.99
+    assert gate.overloaded  # refused 0.99 s ago
+    now[0] += 0.02
+    assert not gate.overloaded and gate.limit == 128 and gate.try_enter()
+    # never above the normal limit, whatever is configured
+    assert AdmissionGate(max_batch_size=32, batches=2, cap=240, overloaded_batches=3).overloaded_limit == 64
+
+
 def test_gate_limit_follows_a_live_batch_size_change_and_is_capped():
     gate = AdmissionGate(max_batch_size=32, batches=2.5, cap=100)
     assert gate.limit == 80
@@ -175,9 +195,9 @@ def test_guard_counts_admitted_requests_in_and_out():
 def test_configure_sizes_the_gate_from_the_config():
     from service import middleware
 
-    configure(ServeConfig(admission_batches=3), max_ongoing_requests=128)
+    configure(ServeConfig(admission_batches=3, admission_batches_overloaded=2.5), max_ongoing_requests=128)
     gate = middleware.SETTINGS.gate
-    assert gate.limit == 96 and gate.cap == 120
+    assert gate.limit == 96 and gate.cap == 120 and gate.overloaded_limit == 80
     middleware.resize_admission(64)  # reconfigure: the limit follows max_batch_size
     assert gate.limit == 120
     configure(ServeConfig(admission_batches=0))
