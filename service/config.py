@@ -128,10 +128,15 @@ class ServeConfig(BaseModel):
         "requests are in the replica, so an admitted request waits about this many batch durations; 0 = off",
     )
     admission_batches_overloaded: float = Field(
-        2.5,
+        2.0,
         gt=0,
         description="the admission limit in batches while the replica is refusing (a refusal in the last "
         "second): under sustained overload admitted requests wait this many batches, not admission_batches",
+    )
+    haproxy_admission: bool = Field(
+        True,
+        description="with the HAProxy ingress of `python -m service`, HAProxy refuses past the admission limits "
+        "itself, before a replica spends work on the refusal (service/haproxy_gate.py)",
     )
     auth_token: SecretStr | None = Field(
         None, description="bearer token required on /v1/* (CONVSERVE_AUTH_TOKEN); None = no auth"

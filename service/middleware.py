@@ -212,15 +212,19 @@ def configure(config: ServeConfig, max_ongoing_requests: int | None = None) -> N
     if not config.admission_batches:
         SETTINGS.gate = None
         return
-    ongoing = max_ongoing_requests or replica_max_ongoing_requests()
-    SETTINGS.gate = AdmissionGate(
+    SETTINGS.gate = gate_for(config, max_ongoing_requests or replica_max_ongoing_requests())
+
+
+def gate_for(config: ServeConfig, max_ongoing_requests: int) -> AdmissionGate:
+    """A replica's gate, from its settings and its deployment's max_ongoing_requests."""
+    return AdmissionGate(
         max_batch_size=config.batching.max_batch_size,
         batches=config.admission_batches,
         overloaded_batches=config.admission_batches_overloaded,
         # Below max_ongoing_requests: at it, requests would wait in Ray's queue, unseen by this guard,
         # since a request holds a Ray slot for a moment before the guard answers it (measured: at
         # cap = max_ongoing_requests, 4x overload filled Ray's queue and accepted p99 rose 4-fold).
-        cap=max(1, ongoing - max(4, ongoing // 16)),
+        cap=max(1, max_ongoing_requests - max(4, max_ongoing_requests // 16)),
     )
 
 

@@ -22,6 +22,8 @@ import threading
 import time
 
 from service.config import ServeConfig
+from service.haproxy_gate import write_launcher
+from service.middleware import gate_for
 from service.serve_config import (
     DEFAULT_SERVE_CONFIG,
     MODEL,
@@ -269,11 +271,21 @@ def model_options_from_args(a: argparse.Namespace, config: ServeConfig) -> dict 
     return deployment_options(load_serve_config(a.serve_config), overrides, name=MODEL)
 
 
+def with_admission_gate(binary: str, config: ServeConfig, options: dict) -> str:
+    """HAProxy with the replicas' admission limits (service/haproxy_gate.py): the launcher Ray
+    starts instead of `binary`, or `binary` itself when admission control is off."""
+    if not (config.haproxy_admission and config.admission_batches):
+        return binary
+    gate = gate_for(config, int(options.get("max_ongoing_requests", 256)))
+    os.makedirs(runtime_dir(config.port), exist_ok=True)
+    return write_launcher(runtime_dir(config.port), binary, gate.normal_limit, gate.overloaded_limit)
+
+
 def serve_forever(
     config: ServeConfig, options: dict, num_cpus: float | None = None, model_options: dict | None = None
 ) -> int:
     ingress, binary = resolve_ingress(config.ingress)
-    configure_ingress_env(ingress, binary, config.port)
+    configure_ingress_env(ingress, with_admission_gate(binary, config, options) if binary else None, config.port)
     configure_loopback_env(config.host)
     configure_replica_env()
 

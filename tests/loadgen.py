@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -48,33 +48,38 @@ def _keep_errors(status: int) -> bool:
 
 
 class _Http11(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection, one request at a time: enough parsing for a status,
-    a Content-Length or chunked body, and `Connection: close`."""
+    """One keep-alive HTTP/1.1 connection, one request at a time, driven by callbacks (no task or
+    timer per request): enough parsing for a status, a Content-Length or chunked body, and
+    `Connection: close`. `on_answer(conn, status, body, keep)` or `on_lost(conn)` ends a request."""
 
-    def __init__(self):
+    def __init__(self, on_answer: Callable, on_lost: Callable):
+        self.on_answer, self.on_lost = on_answer, on_lost
         self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future | None = None
         self.buffer = bytearray()
+        self.busy = False
         self.closed = False
+        self.sample: Sample | None = None  # the request in flight
+        self.sent_at = 0.0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ConnectionResetError("connection closed before the answer"))
+        if self.busy:
+            self.busy = False
+            self.on_lost(self)
 
-    def request(self, data: bytes) -> asyncio.Future:
+    def send(self, data: bytes) -> None:
         self.buffer.clear()
-        self.waiter = asyncio.get_running_loop().create_future()
+        self.busy = True
+        self.sent_at = time.perf_counter()
         self.transport.write(data)
-        return self.waiter
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         end = self.buffer.find(b"\r\n\r\n")
-        if end < 0 or self.waiter is None or self.waiter.done():
+        if end < 0 or not self.busy:
             return
         head = bytes(self.buffer[:end]).lower()
         body = self.buffer[end + 4 :]
@@ -84,60 +89,105 @@ class _Http11(asyncio.Protocol):
             length = int(head[at + 17 : stop if stop > 0 else len(head)])
             if len(body) < length:
                 return
-            body = bytes(body[:length])
-        elif b"transfer-encoding: chunked" in head:
-            if not body.endswith(b"0\r\n\r\n"):
-                return
-            body = bytes(body)
-        status = int(head[9:12])
-        keep = b"\r\nconnection: close" not in head
-        self.waiter.set_result((status, body, keep))
+            body = body[:length]
+        elif b"transfer-encoding: chunked" in head and not body.endswith(b"0\r\n\r\n"):
+            return
+        self.busy = False
+        self.on_answer(self, int(head[9:12]), bytes(body), b"\r\nconnection: close" not in head)
 
 
 async def _open_loop(url, bodies, headers, rate, seconds, timeout_s) -> list[Sample]:
+    """Requests leave at i / rate whatever the answers take; each on an idle keep-alive connection,
+    or a new one. A sweep every 50 ms ends requests older than `timeout_s` (their connection is
+    closed, never reused)."""
     parts = urlsplit(url)
     target = parts.path + ("?" + parts.query if parts.query else "")
     host, port = parts.hostname, parts.port or 80
     head = f"POST {target} HTTP/1.1\r\nHost: {host}:{port}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     requests = [(head + f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
     loop = asyncio.get_running_loop()
+    samples: list[Sample] = []
     idle: list[_Http11] = []
     opened: list[_Http11] = []
+    pending = 0  # requests not answered yet, connecting ones included
+    all_sent = False
+    finished = loop.create_future()
 
-    async def one(data: bytes, due: float) -> Sample:
+    def done(sample: Sample) -> None:
+        nonlocal pending
+        samples.append(sample)
+        pending -= 1
+        if all_sent and pending == 0 and not finished.done():
+            finished.set_result(None)
+
+    def on_answer(conn: _Http11, status: int, body: bytes, keep: bool) -> None:
+        sample, conn.sample = conn.sample, None
+        sample.latency_s, sample.status = time.perf_counter() - conn.sent_at, status
+        sample.body = body if _keep_errors(status) else b""
+        if keep and not conn.closed:
+            idle.append(conn)
+        else:
+            conn.transport.close()
+        done(sample)
+
+    def on_lost(conn: _Http11) -> None:
+        sample, conn.sample = conn.sample, None
+        sample.latency_s, sample.status = time.perf_counter() - conn.sent_at, "ServerDisconnectedError"
+        done(sample)
+
+    async def connect_and_send(data: bytes, sample: Sample) -> None:
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s):
-                while idle and idle[-1].closed:
-                    idle.pop()
-                if idle:
-                    conn = idle.pop()
-                else:
-                    _, conn = await loop.create_connection(_Http11, host, port)
-                    opened.append(conn)
-                status, body, keep = await conn.request(data)
-        except TimeoutError:
-            return Sample(due, time.perf_counter() - t0, "timeout")
-        except OSError as e:
-            return Sample(due, time.perf_counter() - t0, type(e).__name__)
-        latency = time.perf_counter() - t0
-        if keep and not conn.closed:
-            idle.append(conn)
-        return Sample(due, latency, status, body if _keep_errors(status) else b"")
+                _, conn = await loop.create_connection(lambda: _Http11(on_answer, on_lost), host, port)
+        except (OSError, TimeoutError) as e:
+            sample.latency_s = time.perf_counter() - t0
+            sample.status = "timeout" if isinstance(e, TimeoutError) else type(e).__name__
+            done(sample)
+            return
+        opened.append(conn)
+        conn.sample = sample
+        conn.send(data)
+        conn.sent_at = t0  # the connection's setup is part of this request's latency
 
-    tasks, start = [], time.perf_counter()
+    def sweep() -> None:
+        now = time.perf_counter()
+        for conn in opened:
+            if conn.busy and now - conn.sent_at > timeout_s:
+                sample, conn.sample, conn.busy = conn.sample, None, False
+                sample.latency_s, sample.status = now - conn.sent_at, "timeout"
+                conn.transport.close()
+                done(sample)
+        if not finished.done():
+            loop.call_later(0.05, sweep)
+
+    sweep()
+    total, start, i = int(rate * seconds), time.perf_counter(), 0
+    while i < total:
+        now = time.perf_counter() - start
+        while i < total and i / rate <= now:  # every request due by now
+            sample = Sample(i / rate, 0.0, "unsent")
+            pending += 1
+            while idle and idle[-1].closed:
+                idle.pop()
+            if idle:
+                conn = idle.pop()
+                conn.sample = sample
+                conn.send(requests[i % len(requests)])
+            else:
+                loop.create_task(connect_and_send(requests[i % len(requests)], sample))
+            i += 1
+        if i < total:
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+    all_sent = True
     try:
-        for i in range(int(rate * seconds)):
-            due = i / rate
-            delay = start + due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(requests[i % len(requests)], due)))
-        return list(await asyncio.gather(*tasks))
+        if pending:
+            await finished
     finally:
         for conn in opened:
             if conn.transport is not None:
                 conn.transport.close()
+    return sorted(samples, key=lambda s: s.start_s)
 
 
 async def _closed_loop(url, bodies, headers, concurrency, seconds, timeout_s) -> tuple[list[Sample], float]:

@@ -1,0 +1,122 @@
+"""Admission control in HAProxy itself, in front of the replicas' own (service/middleware.py).
+
+Under heavy overload most requests are refused, and a refusal answered by a replica still costs
+Python work in Ray's HTTP server and our middleware, on the cores the forward pass needs: at 8x
+capacity on the 2-core machine that took most of the goodput (docs/reliability.md). HAProxy
+answers the same 503 in C, before a replica sees the request, by the same two limits as
+`AdmissionGate`: per replica, `normal` requests in flight, and `overloaded` while it has refused
+one in the last second. Each replica keeps its own gate (gRPC, the Python proxy, Kubernetes).
+
+Ray Serve writes HAProxy's configuration and has no place for rules of one's own, so `python -m
+service` points `RAY_SERVE_HAPROXY_BINARY_PATH` at a launcher (`write_launcher`) that runs this
+module: it adds the rules below to the file Ray passes with `-f`, then becomes the real haproxy
+(exec, same arguments, so Ray's reloads and stats sockets work as before). Standard library only.
+
+    python -m service.haproxy_gate --haproxy /usr/sbin/haproxy --normal 128 --overloaded 80 -- -db -f haproxy.cfg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+MARKER = "# convserve admission control (service/haproxy_gate.py)"
+RETRY_AFTER_S = 1
+REFUSAL_DELAY_MS = 50  # refusals leave this late, so that clients that resend at once are slowed
+MESSAGE = f"the service is at capacity; retry after {RETRY_AFTER_S} s"
+# The routes that run the model: service.middleware.is_guarded, as HAProxy ACLs.
+GUARDED = "acl cs_guarded path /v1/classify /v1/feature-maps /v1/explain"
+GUARDED_V2 = r"acl cs_guarded path_reg ^/v2/models/[^/]+(/versions/[^/]+)?/infer$"
+
+
+def _haproxy_string(body: dict) -> str:
+    """A JSON body as an HAProxy double-quoted string."""
+    return '"' + json.dumps(body, separators=(",", ":")).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def gate_rules(backend: str, normal: int, overloaded: int) -> list[str]:
+    """The frontend's rules: refuse a guarded request while `backend` holds `normal` requests per
+    UP server, or `overloaded` per server while a refusal was counted in the last second."""
+    v1 = _haproxy_string({"error": {"code": "overloaded", "message": MESSAGE}})
+    v2 = _haproxy_string({"error": MESSAGE})
+    # A tarpit: the 503 leaves after REFUSAL_DELAY_MS. Answered at once, clients that resend
+    # without waiting (a closed loop past the limit, which ignores Retry-After) spun at 61,000
+    # refusals/s, and wrk and HAProxy took the cores from the forward pass (32 answers in 4 s).
+    refuse = f"http-request tarpit deny_status 503 content-type application/json hdr Retry-After {RETRY_AFTER_S}"
+    return [
+        MARKER,
+        f"timeout tarpit {REFUSAL_DELAY_MS}ms",
+        GUARDED,
+        GUARDED_V2,
+        "acl cs_v2 path_beg /v2/",
+        "http-request track-sc2 int(1) table cs_overload if cs_guarded",
+        f"http-request set-var(txn.cs_normal) nbsrv({backend}),mul({normal}) if cs_guarded",
+        f"http-request set-var(txn.cs_overloaded) nbsrv({backend}),mul({overloaded}) if cs_guarded",
+        f"acl cs_full be_conn({backend}),sub(txn.cs_normal) ge 0",
+        f"acl cs_full_overloaded be_conn({backend}),sub(txn.cs_overloaded) ge 0",
+        "acl cs_refusing sc2_gpc0_rate(cs_overload) gt 0",
+        "http-request set-var(txn.cs_refuse) bool(true) if cs_guarded cs_full"
+        " || cs_guarded cs_refusing cs_full_overloaded",
+        "http-request sc-inc-gpc0(2) if { var(txn.cs_refuse) -m bool }",
+        f"{refuse} string {v2} if {{ var(txn.cs_refuse) -m bool }} cs_v2",
+        f"{refuse} string {v1} if {{ var(txn.cs_refuse) -m bool }}",
+    ]
+
+
+STATE_TABLE = ["backend cs_overload", "    stick-table type integer size 1 expire 10s store gpc0,gpc0_rate(1s)"]
+
+
+def patch_config(text: str, normal: int, overloaded: int) -> str:
+    """Ray's configuration with the gate added to `frontend http_frontend`, before its first
+    `use_backend`. Unchanged when already patched, or when the frontend does not route to exactly
+    one application (the gate is per application; a configuration it does not know is left alone)."""
+    if MARKER in text:
+        return text
+    lines = text.splitlines()
+    try:
+        start = lines.index("frontend http_frontend")
+    except ValueError:
+        return text
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()), len(lines))
+    routes = [(i, m.group(1)) for i in range(start, end) if (m := re.match(r"\s+use_backend (\S+) if ", lines[i]))]
+    if len({backend for _, backend in routes}) != 1:
+        return text
+    first, backend = routes[0]
+    rules = ["    " + rule for rule in gate_rules(backend, normal, overloaded)]
+    return "\n".join([*lines[:first], *rules, *lines[first:], *STATE_TABLE]) + "\n"
+
+
+def write_launcher(directory: str, haproxy: str, normal: int, overloaded: int) -> str:
+    """An executable that Ray can start as its haproxy binary; its path."""
+    path = Path(directory) / "haproxy-with-gate"
+    command = [sys.executable, "-m", "service.haproxy_gate", "--haproxy", haproxy]
+    command += ["--normal", str(normal), "--overloaded", str(overloaded), "--"]
+    path.write_text(f'#!/bin/sh\nexec {shlex.join(command)} "$@"\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--haproxy", required=True, help="the real haproxy binary")
+    p.add_argument("--normal", type=int, required=True, help="requests in flight per replica")
+    p.add_argument("--overloaded", type=int, required=True, help="the same while refusing")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="-- then haproxy's own arguments")
+    a = p.parse_args(argv)
+    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    if "-f" in args[:-1]:
+        config = Path(args[args.index("-f") + 1])
+        text = config.read_text()
+        patched = patch_config(text, a.normal, a.overloaded)
+        if patched != text:
+            config.write_text(patched)
+    os.execv(a.haproxy, [a.haproxy, *args])
+
+
+if __name__ == "__main__":
+    main()
