@@ -34,6 +34,18 @@ GUARDED = "acl cs_guarded path /v1/classify /v1/feature-maps /v1/explain"
 GUARDED_V2 = r"acl cs_guarded path_reg ^/v2/models/[^/]+(/versions/[^/]+)?/infer$"
 
 
+# One entry: gpc0 counts refusals (HAProxy's stats socket: `show table cs_overload`), and its rate
+# over the last second says whether the gate is refusing now.
+STATE_TABLE_NAME = "cs_overload"
+STATE_TABLE = [f"backend {STATE_TABLE_NAME}", "    stick-table type integer size 1 expire 1h store gpc0,gpc0_rate(1s)"]
+
+
+def refusals_in_table(answer: str) -> int:
+    """The refusal count in HAProxy's answer to `show table cs_overload` (0 when it has none yet; the
+    count starts again after an hour without a guarded request)."""
+    return sum(int(m.group(1)) for m in re.finditer(r"\bgpc0=(\d+)", answer))
+
+
 def _haproxy_string(body: dict) -> str:
     """A JSON body as an HAProxy double-quoted string."""
     return '"' + json.dumps(body, separators=(",", ":")).replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -54,21 +66,18 @@ def gate_rules(backend: str, normal: int, overloaded: int) -> list[str]:
         GUARDED,
         GUARDED_V2,
         "acl cs_v2 path_beg /v2/",
-        "http-request track-sc2 int(1) table cs_overload if cs_guarded",
+        f"http-request track-sc2 int(1) table {STATE_TABLE_NAME} if cs_guarded",
         f"http-request set-var(txn.cs_normal) nbsrv({backend}),mul({normal}) if cs_guarded",
         f"http-request set-var(txn.cs_overloaded) nbsrv({backend}),mul({overloaded}) if cs_guarded",
         f"acl cs_full be_conn({backend}),sub(txn.cs_normal) ge 0",
         f"acl cs_full_overloaded be_conn({backend}),sub(txn.cs_overloaded) ge 0",
-        "acl cs_refusing sc2_gpc0_rate(cs_overload) gt 0",
+        f"acl cs_refusing sc2_gpc0_rate({STATE_TABLE_NAME}) gt 0",
         "http-request set-var(txn.cs_refuse) bool(true) if cs_guarded cs_full"
         " || cs_guarded cs_refusing cs_full_overloaded",
         "http-request sc-inc-gpc0(2) if { var(txn.cs_refuse) -m bool }",
         f"{refuse} string {v2} if {{ var(txn.cs_refuse) -m bool }} cs_v2",
         f"{refuse} string {v1} if {{ var(txn.cs_refuse) -m bool }}",
     ]
-
-
-STATE_TABLE = ["backend cs_overload", "    stick-table type integer size 1 expire 10s store gpc0,gpc0_rate(1s)"]
 
 
 def patch_config(text: str, normal: int, overloaded: int) -> str:

@@ -22,7 +22,7 @@ import threading
 import time
 
 from service.config import ServeConfig
-from service.haproxy_gate import write_launcher
+from service.haproxy_gate import STATE_TABLE_NAME, refusals_in_table, write_launcher
 from service.middleware import gate_for
 from service.serve_config import (
     DEFAULT_SERVE_CONFIG,
@@ -129,34 +129,45 @@ class HAProxyUnreachable(OSError):
     """No HAProxy stats socket answered: what is in flight is unknown, not zero."""
 
 
-def haproxy_in_flight(port: int) -> int:
-    """Requests HAProxy is forwarding to replicas now, from its stats sockets.
-
-    HAProxyUnreachable when there is no socket, or none answers (the drain cannot wait then, and
-    says so, instead of taking an unanswered question for "nothing in flight")."""
-    total = None
-    problems = []
-    sockets = glob.glob(os.path.join(runtime_dir(port), "*", "admin.sock"))
-    for path in sockets:
+def haproxy_query(port: int, command: str) -> list[str]:
+    """`command`'s answer from each HAProxy of this service (one per reload still running), through
+    their stats sockets. HAProxyUnreachable when there is no socket, or none answers."""
+    answers, problems = [], []
+    for path in glob.glob(os.path.join(runtime_dir(port), "*", "admin.sock")):
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(2.0)
                 sock.connect(path)
-                sock.sendall(b"show stat\n")
+                sock.sendall(command.encode() + b"\n")
                 chunks = []
                 while chunk := sock.recv(65536):
                     chunks.append(chunk)
         except OSError as e:
             problems.append(f"{path}: {e.strerror or e}")
             continue
-        total = total or 0
-        rows = csv.DictReader(io.StringIO(b"".join(chunks).decode(errors="replace").lstrip("# ")))
-        for row in rows:
+        answers.append(b"".join(chunks).decode(errors="replace"))
+    if not answers:
+        raise HAProxyUnreachable("; ".join(problems) or f"no stats socket under {runtime_dir(port)}")
+    return answers
+
+
+def haproxy_in_flight(port: int) -> int:
+    """Requests HAProxy is forwarding to replicas now, from its stats sockets.
+
+    HAProxyUnreachable when there is no socket, or none answers (the drain cannot wait then, and
+    says so, instead of taking an unanswered question for "nothing in flight")."""
+    total = 0
+    for answer in haproxy_query(port, "show stat"):
+        for row in csv.DictReader(io.StringIO(answer.lstrip("# "))):
             if row.get("svname") == "BACKEND" and (row.get("pxname") or "").startswith(("http-", "grpc-")):
                 total += int(row.get("scur") or 0)
-    if total is None:
-        raise HAProxyUnreachable("; ".join(problems) or f"no stats socket under {runtime_dir(port)}")
     return total
+
+
+def haproxy_refusals(port: int) -> int:
+    """503s HAProxy answered itself past the admission limits (service/haproxy_gate.py), counted
+    by its running processes since they started."""
+    return sum(refusals_in_table(answer) for answer in haproxy_query(port, f"show table {STATE_TABLE_NAME}"))
 
 
 def drain_haproxy(port: int, timeout_s: float) -> None:

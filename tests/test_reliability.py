@@ -34,6 +34,7 @@ import requests
 from PIL import Image
 
 from model import DEFAULT_BUNDLE
+from service.server import haproxy_refusals
 from tests.images import bad_inputs, encode, gif_bomb, odd_but_valid, png_bomb, real_jpeg
 from tests.loadgen import closed_loop, open_loop, percentile, summarize
 from tests.server_process import REPO_ROOT, ServiceProcess, free_port
@@ -365,6 +366,8 @@ def test_a_burst_past_the_admission_limit_is_refused_fast_with_json_503(service)
     Retry-After; the rest are served; nothing else happens, and the service serves right after."""
     url = service.base + "/v1/classify?top_k=1"
     headers = {"Content-Type": "image/jpeg", **AUTH}
+    by_haproxy = "ingress haproxy" in service.log_text()
+    before = haproxy_refusals(service.port) if by_haproxy else 0
     samples = open_loop(url, fixture_jpegs(), headers, rate=3000, seconds=0.1, timeout_s=30)
     counts = statuses(samples)
     refused = [s for s in samples if s.status == 503]
@@ -374,6 +377,8 @@ def test_a_burst_past_the_admission_limit_is_refused_fast_with_json_503(service)
     assert counts[200] >= 128, figures  # the limit's worth is admitted and answered
     assert all(json.loads(s.body)["error"]["code"] == "overloaded" for s in refused), figures
     assert max(s.latency_s for s in refused) < max(s.latency_s for s in samples if s.status == 200), figures
+    if by_haproxy:  # HAProxy answered every refusal itself (service/haproxy_gate.py), no replica spent work on one
+        assert haproxy_refusals(service.port) - before == len(refused), figures
     assert_healthy_with_auth(service)
 
 
