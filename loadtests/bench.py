@@ -1,6 +1,6 @@
 """The serving benchmark: how close does serving come to the model's own speed?
 
-    python -m loadtests.bench [--quick] [--out results/bench-<time>]
+    python -m loadtests.bench [--quick] [--out results/bench-<time>] [--images DIR] [--concurrency 1 8 ...]
 
 One run, one machine, ratios rather than absolute times:
 1. Offline limit: in-process decode + preprocess + forward of the same JPEGs, at several batch
@@ -543,6 +543,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compare", action="store_true", help="skip batching-off and proxy-vs-haproxy runs")
     p.add_argument("--out", default=None, help="results folder (default: results/bench-<time>)")
     p.add_argument(
+        "--images", default=None, help="a folder of JPEGs to send, searched recursively (default: the fixtures' 200)"
+    )
+    p.add_argument(
+        "--concurrency", type=int, nargs="+", default=None, help="served concurrencies (default: 1 8 32 128)"
+    )
+    p.add_argument(
         "--overhead",
         action="store_true",
         help="only the serving-overhead runs: the forward pass a no-op, fused (1, 2 replicas) and split (1, 2 ingress)",
@@ -552,7 +558,13 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: wrk not found (apt-get install wrk)", file=sys.stderr)
         return 2
     seconds = a.seconds or (2.0 if a.quick else 15.0)
-    concurrencies = [1, 8] if a.quick else [1, 8, 32, 128]
+    concurrencies = a.concurrency or ([1, 8] if a.quick else [1, 8, 32, 128])
+    if a.images:
+        global IMAGES
+        IMAGES = Path(a.images)
+        if not jpeg_files():
+            print(f"bench: no *.jpg under {IMAGES}", file=sys.stderr)
+            return 2
     out = Path(a.out or REPO / "results" / time.strftime("bench-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -563,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cuda": torch.cuda.is_available()},
         "ingress": ingress,
         "seconds_per_point": seconds,
+        "images": {"folder": str(IMAGES), "count": len(jpeg_files())},
     }
     if a.overhead:
         with tempfile.TemporaryDirectory() as tmp:

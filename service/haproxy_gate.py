@@ -12,7 +12,7 @@ service` points `RAY_SERVE_HAPROXY_BINARY_PATH` at a launcher (`write_launcher`)
 module: it adds the rules below to the file Ray passes with `-f`, then becomes the real haproxy
 (exec, same arguments, so Ray's reloads and stats sockets work as before). Standard library only.
 
-    python -m service.haproxy_gate --haproxy /usr/sbin/haproxy --normal 128 --overloaded 80 -- -db -f haproxy.cfg
+    python -m service.haproxy_gate --haproxy /usr/sbin/haproxy --normal 128 --overloaded 64 -- -db -f haproxy.cfg
 """
 
 from __future__ import annotations

@@ -24,12 +24,18 @@ def test_bench_quick_writes_results(tmp_path):
     if shutil.which("wrk") is None:
         pytest.skip("wrk not installed (apt-get install wrk; .ci/run installs it)")
     out = tmp_path / "bench"
+    images = tmp_path / "images" / "some-class"  # --images: any folder of JPEGs, searched recursively
+    images.mkdir(parents=True)
+    for jpeg in sorted((REPO / "tests" / "fixtures" / "cifar10-val-sample").rglob("*.jpg"))[:12]:
+        shutil.copy(jpeg, images / jpeg.name)
     proc = subprocess.run(
-        [sys.executable, "-m", "loadtests.bench", "--quick", "--no-compare", "--out", str(out)],
+        [sys.executable, "-m", "loadtests.bench", "--quick", "--no-compare", "--out", str(out),
+         "--images", str(tmp_path / "images"), "--concurrency", "1", "8"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
+    assert results["images"] == {"folder": str(tmp_path / "images"), "count": 12}
     offline = results["offline"]
     assert offline["images_per_s"] > 0 and offline["single_image_latency_p50_ms"] > 0
     # the single-image figure is the median of three passes, not one noisy pass

@@ -550,7 +550,7 @@ def test_overload_at_two_four_and_eight_times_capacity(fresh_service):
     for multiple in (2, 4, 8):
         time.sleep(2)  # let the queue drain between runs
         runs.append(overload_figures(url, bodies, headers, multiple, capacity, p99_cap, seconds=10))
-    for run in runs:  # the issue-15 targets, recorded; not all are met on the 2-core machine (README)
+    for run in runs:  # the issue-15 targets, recorded; not all are met on the 2-core machine
         run["targets_met"] = {
             "p99_accepted_within_2x_at_capacity": run["p99_accepted_over_p99_at_capacity"] <= 2.0,
             "p99_refused_under_100ms": run["p99_refused_ms"] < 100,
@@ -559,16 +559,20 @@ def test_overload_at_two_four_and_eight_times_capacity(fresh_service):
         }
     figures = {"capacity_rps": round(capacity, 1), "p99_at_capacity_ms": round(p99_cap * 1000, 1), "runs": runs}
     record("overload", figures)
-    for run in runs[:2]:  # 2x and 4x: what the admission gate guarantees here
+    # What held in the runs of docs/reliability.md ("Overload"), with margin: goodput 0.87-1.01 of
+    # capacity at 2x and 4x, 0.57-0.89 at 8x; accepted p99 1.50-2.37x the at-capacity p99 at 2x and
+    # 4x; refusal p99 54-231 ms.
+    for run in runs:
         assert set(run["statuses"]) <= {200, 503}, figures  # nothing hangs, times out or fails otherwise
         assert run["statuses"].get(503), f"{run['multiple']}x capacity should be refused in part: {figures}"
         assert run["refusals_json"], "503s should be convserve's JSON, not Ray's text"
-        assert run["p99_refused_ms"] < 250, figures  # fast refusals (target 100 ms; 85-95 ms measured)
-        assert run["goodput_over_capacity"] >= 0.5, figures  # still serving (target 90%)
+        assert run["p99_refused_ms"] < 300, figures  # fast refusals (target 100 ms)
+    for run in runs[:2]:  # 2x and 4x
+        assert run["goodput_over_capacity"] >= 0.8, figures  # target 90%
         # an admitted request waits for at most admission_batches (4) batches: bounded, not growing
-        assert run["p99_accepted_ms"] < 3000, figures
-    # 8x (over 1,000 requests/s from a Python load generator on the same two cores) is past what
-    # this machine can refuse: recorded, and the service must be healthy right after it.
+        assert run["p99_accepted_over_p99_at_capacity"] <= 3.0, figures  # target 2x
+    # 8x: over 1,800 requests/s from a Python load generator on the same two cores
+    assert runs[2]["goodput_over_capacity"] >= 0.4, figures  # target 90%
     assert_healthy_with_auth(svc)
 
 
