@@ -4,7 +4,9 @@ haproxy, and the launcher Ray starts in its place."""
 
 from __future__ import annotations
 
+import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -62,11 +64,21 @@ def binary() -> str:
     return found
 
 
+# Where Ray wrote the fixture's runtime files (error pages, sockets) when it ran.
+RUNTIME_DIR = re.compile(r"/tmp/(?:convserve-8000|haproxy-serve)/[0-9a-f]+")
+
+
 def test_haproxy_accepts_the_patched_configuration_through_the_launcher(tmp_path, binary):
-    config = tmp_path / "haproxy.cfg"
-    config.write_text(RAY_CONFIG)
-    launcher = write_launcher(str(tmp_path), binary, normal=128, overloaded=64)
-    check = subprocess.run([launcher, "-c", "-f", str(config)], capture_output=True, text=True, timeout=60)
+    # haproxy -c opens the error pages the configuration names and checks socket paths (at most 97
+    # characters): a short runtime folder of its own, with the error page Ray would have written
+    with tempfile.TemporaryDirectory(prefix="csgate-", dir="/tmp") as runtime:
+        (Path(runtime) / "500.http").write_text(
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: 0\r\n\r\n"
+        )
+        config = tmp_path / "haproxy.cfg"
+        config.write_text(RUNTIME_DIR.sub(runtime, RAY_CONFIG))
+        launcher = write_launcher(str(tmp_path), binary, normal=128, overloaded=64)
+        check = subprocess.run([launcher, "-c", "-f", str(config)], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
     assert MARKER in config.read_text()
     version = subprocess.run([launcher, "-v"], capture_output=True, text=True, timeout=60)
