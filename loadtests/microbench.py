@@ -94,27 +94,38 @@ def batch_decode_ms(repeats: int, batch_sizes: tuple[int, ...] = (1, 8, 32)) -> 
     return str(device), out
 
 
-def forward_ms(repeats: int, worker_first: bool) -> dict[str, dict[int, float]]:
+def cpu_predictor():
+    """The embedded model's BatchedPredictor on the CPU, as a CPU replica runs it."""
     from model import DEFAULT_BUNDLE, load_bundle
-    from service.predictor import BatchedPredictor, WorkItem
+    from service.predictor import BatchedPredictor
 
-    bundle = load_bundle(DEFAULT_BUNDLE)
-    predictor = BatchedPredictor(bundle, "cpu", "bf16", True)
-    size = bundle.preprocess.input_size
+    return BatchedPredictor(load_bundle(DEFAULT_BUNDLE), "cpu", "bf16", True)
 
-    def p50_ms(batch_size: int) -> float:
-        items = [WorkItem(torch.randn(3, size, size), top_k=1) for _ in range(batch_size)]
+
+def forward_p50_ms(predictor, batch_size: int, repeats: int, gap_s: float = 0.0) -> float:
+    """p50 ms of `predictor.predict` on `batch_size` random images, after two warm-up passes;
+    `gap_s` of sleep between passes."""
+    from service.predictor import WorkItem
+
+    size = predictor.bundle.preprocess.input_size
+    items = [WorkItem(torch.randn(3, size, size), top_k=1) for _ in range(batch_size)]
+    predictor.predict(items)
+    predictor.predict(items)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
         predictor.predict(items)
-        predictor.predict(items)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            predictor.predict(items)
-            times.append(time.perf_counter() - start)
-        return 1000 * statistics.median(times)
+        times.append(time.perf_counter() - start)
+        if gap_s:
+            time.sleep(gap_s)
+    return 1000 * statistics.median(times)
+
+
+def forward_ms(repeats: int, worker_first: bool) -> dict[str, dict[int, float]]:
+    predictor = cpu_predictor()
 
     def run() -> dict[int, float]:
-        return {bs: round(p50_ms(bs), 2) for bs in (1, 32)}
+        return {bs: round(forward_p50_ms(predictor, bs, repeats), 2) for bs in (1, 32)}
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
     out = {}
@@ -177,26 +188,15 @@ def teams_ms(repeats: int, threads: int) -> dict[str, dict[int, float]]:
     import queue
     import threading
 
-    from model import DEFAULT_BUNDLE, load_bundle
     from service.lanes import claim_threads, set_team_size
-    from service.predictor import BatchedPredictor, WorkItem, keep_large_allocations
+    from service.predictor import keep_large_allocations
 
     claim_threads(threads)
     keep_large_allocations()
-    bundle = load_bundle(DEFAULT_BUNDLE)
-    predictor = BatchedPredictor(bundle, "cpu", "bf16", True)
-    size = bundle.preprocess.input_size
+    predictor = cpu_predictor()
 
     def p50_ms(batch_size: int) -> float:
-        items = [WorkItem(torch.randn(3, size, size), top_k=1) for _ in range(batch_size)]
-        predictor.predict(items)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            predictor.predict(items)
-            times.append(time.perf_counter() - start)
-            time.sleep(0.002)  # requests arrive with gaps
-        return 1000 * statistics.median(times)
+        return forward_p50_ms(predictor, batch_size, repeats, gap_s=0.002)  # requests arrive with gaps
 
     jobs: queue.SimpleQueue = queue.SimpleQueue()
 
