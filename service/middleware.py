@@ -114,10 +114,11 @@ class AdmissionGate:
     Overloaded: once it has refused a request, and until it has refused none for `HOLD_S`, the
     limit is `overloaded_batches` batches instead. Under sustained overload the replica is full
     whatever the limit, and every admitted request waits for all the requests ahead of it, so a
-    lower limit is a shorter wait at the same goodput, as long as the next batches are still
-    formed when a lane frees (2.5 batches on two lanes: two computing, half of the next waiting).
-    A closed loop within the normal limit is never refused, so it never sees the lower one: it
-    keeps room for 4 batches of bench's 128 connections, while open-loop overload waits 2.5.
+    lower limit is a shorter wait at the same goodput, as long as the next batch is ready when a
+    lane frees (at overload, requests arrive faster than they finish: it is). A closed loop within
+    the normal limit is never refused, so it never sees the lower one: 4 batches leave room for
+    bench's 128 connections, while open-loop overload waits for 2 (docs/reliability.md: 1.5 was
+    not measurably better).
     """
 
     # Whatever the batch size, this many requests are admitted (if the cap allows): with tiny
