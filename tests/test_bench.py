@@ -74,6 +74,20 @@ def test_microbench_threads_times_both_threads():
     assert all(set(by_batch) == {1, 32} and min(by_batch.values()) > 0 for by_batch in out.values())
 
 
+def test_microbench_teams_times_the_only_team_and_one_beside_another():
+    # its own process: claim_threads sets torch's thread default for the whole process
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtests.microbench", "teams", "--repeats", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if "p50 ms by batch size" in line]
+    assert [line.split(":")[0] for line in lines] == [
+        "2-thread forward on a worker thread, the only team",
+        "2-thread forward on a worker thread, beside another team",
+    ]
+
+
 def test_microbench_lanes_compares_one_team_with_lanes():
     from loadtests.microbench import lanes_img_per_s
 
