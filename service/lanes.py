@@ -69,7 +69,8 @@ def _find_omp_set_num_threads() -> Callable[[int], None] | None:
     has not computed yet picks up at its first op."""
     try:
         fn = ctypes.CDLL(None).omp_set_num_threads
-    except (OSError, AttributeError):  # not OpenMP (another torch build or platform)
+    except (OSError, AttributeError) as e:  # not OpenMP (another torch build or platform)
+        log.info("no omp_set_num_threads (%s): team sizes go through torch.set_num_threads", e)
         return None
     fn.argtypes = [ctypes.c_int]
     fn.restype = None

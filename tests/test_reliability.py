@@ -559,8 +559,8 @@ def test_overload_at_two_four_and_eight_times_capacity(fresh_service):
         }
     figures = {"capacity_rps": round(capacity, 1), "p99_at_capacity_ms": round(p99_cap * 1000, 1), "runs": runs}
     record("overload", figures)
-    # What held in the runs of docs/reliability.md ("Overload"), with margin: goodput 0.87-1.01 of
-    # capacity at 2x and 4x, 0.57-0.89 at 8x; accepted p99 1.50-2.37x the at-capacity p99 at 2x and
+    # What held in the runs of docs/reliability.md ("Overload"), with margin: goodput 0.87-1.06 of
+    # capacity at 2x and 4x, 0.57-0.95 at 8x; accepted p99 1.46-2.37x the at-capacity p99 at 2x and
     # 4x; refusal p99 54-231 ms.
     for run in runs:
         assert set(run["statuses"]) <= {200, 503}, figures  # nothing hangs, times out or fails otherwise
@@ -569,9 +569,9 @@ def test_overload_at_two_four_and_eight_times_capacity(fresh_service):
         assert run["p99_refused_ms"] < 300, figures  # fast refusals (target 100 ms)
     for run in runs[:2]:  # 2x and 4x
         assert run["goodput_over_capacity"] >= 0.8, figures  # target 90%
-        # an admitted request waits for at most admission_batches (4) batches: bounded, not growing
+        # while refusing, an admitted request waits for admission_batches_overloaded (2) batches
         assert run["p99_accepted_over_p99_at_capacity"] <= 3.0, figures  # target 2x
-    # 8x: over 1,800 requests/s from a Python load generator on the same two cores
+    # 8x: about 1,550-1,900 requests/s from a Python load generator on the same two cores
     assert runs[2]["goodput_over_capacity"] >= 0.4, figures  # target 90%
     assert_healthy_with_auth(svc)
 
