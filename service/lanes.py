@@ -63,6 +63,21 @@ def lower_priority(increment: int) -> int | None:
         return None
 
 
+# Each lane's OS thread carries this name and its number (`convserve-fwd0`, ...; Linux keeps 15
+# bytes), and the OpenMP worker threads a lane starts inherit its name: `top -H` and /proc show
+# which threads compute, and `python -m loadtests.bench` counts their CPU apart from the event loop's.
+LANE_THREAD_PREFIX = "convserve-fwd"
+
+
+def name_os_thread(name: str) -> bool:
+    """Give the calling OS thread a name the kernel shows (Python's thread names stay in Python)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(15, name.encode()[:15], 0, 0, 0) == 0  # 15: PR_SET_NAME
+    except (OSError, AttributeError):  # not Linux: nothing to name
+        return False
+
+
 def _find_omp_set_num_threads() -> Callable[[int], None] | None:
     """libgomp's `omp_set_num_threads`, which torch has loaded: it sizes the calling thread's team
     alone. torch.set_num_threads also sets torch's process-wide default, which every thread that
@@ -150,6 +165,7 @@ class ForwardLanes:
         return future
 
     def _work(self, lane: int) -> None:
+        name_os_thread(f"{LANE_THREAD_PREFIX}{lane}")
         lower_priority(LANE_NICE_INCREMENT)
         inbox = self._inboxes[lane]
         while True:

@@ -30,7 +30,7 @@ def test_bench_quick_writes_results(tmp_path):
         shutil.copy(jpeg, images / jpeg.name)
     proc = subprocess.run(
         [sys.executable, "-m", "loadtests.bench", "--quick", "--no-compare", "--out", str(out),
-         "--images", str(tmp_path / "images"), "--concurrency", "1", "8"],
+         "--images", str(tmp_path / "images"), "--concurrency", "1", "8", "--seconds", "4"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -55,6 +55,17 @@ def test_bench_quick_writes_results(tmp_path):
     assert all(r["requests"] > 0 and r["images_per_s"] > 0 for r in rows)
     assert results["targets"]["errors"] == 0
     assert "served_over_offline" in results["targets"]
+    # where the CPU went during a point of 4 s or more (loadtests/cpu.py): the lanes computed, wrk
+    # ran, and served/offline splits into the lanes' share and their speed
+    share = rows[1]["cpu_percent"]
+    assert share["cpus"] == os.cpu_count() and share["lanes"] > 0 and share["load_generator"] > 0
+    targets = results["targets"]
+    if targets.get("best_concurrency") == 8:  # c=1 (three short runs) has no CPU figures
+        assert targets["lanes_share_of_cpu"] == pytest.approx(share["lanes"] / (100 * share["cpus"]), abs=0.001)
+        assert targets["served_over_offline"] == pytest.approx(
+            targets["lanes_share_of_cpu"] * targets["lanes_speed_vs_offline"], rel=0.01
+        )
+        assert "CPU at concurrency 8" in proc.stdout
     assert "x offline" in proc.stdout
 
 

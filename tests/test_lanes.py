@@ -159,3 +159,15 @@ def test_only_the_wide_lane_has_an_openmp_team_of_more_than_one_thread():
     wide_threads, default_elsewhere, new_threads = map(int, out.stdout.split())
     assert wide_threads == 2 and default_elsewhere == 1
     assert new_threads == 2 + 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads thread names through /proc")
+def test_each_lane_thread_carries_its_name_for_top_and_the_bench():
+    from service.lanes import LANE_THREAD_PREFIX
+
+    lanes = ForwardLanes(2, torch_threads=2)
+    tids = lanes.on_every_lane(threading.get_native_id, threads=1)
+    names = [Path(f"/proc/self/task/{tid}/comm").read_text().strip() for tid in tids]
+    assert names == [f"{LANE_THREAD_PREFIX}0", f"{LANE_THREAD_PREFIX}1"]
+    assert Path(f"/proc/self/task/{os.getpid()}/comm").read_text().strip() != names[0]  # only the lanes
+    lanes.shutdown()
