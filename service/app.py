@@ -13,6 +13,7 @@ import collections
 import hmac
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -24,9 +25,10 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from model import DEFAULT_BUNDLE, load_bundle
-from service import oip, oip_grpc
+from service import fast_classify, oip, oip_grpc
 from service.batcher import ModelBatcher, make_predictor
 from service.config import MAX_BATCH_SIZE_LIMIT, BatchingConfig, ServeConfig
 from service.decode import check_pixels, decode_image_bytes, jpeg_size, sniff_format
@@ -41,8 +43,17 @@ from service.explain import (
     residual_blocks,
 )
 from service.explain import explain as explain_image
+from service.fast_classify import CLASSIFY_PATH
 from service.featuremaps import layer_json, to_npy, to_png_grid
-from service.inputs import RAW_IMAGE_TYPES, ImageRequest, parse_top_k, read_body, read_images, single_image
+from service.inputs import (
+    RAW_IMAGE_TYPES,
+    ImageRequest,
+    parse_top_k,
+    read_body,
+    read_images,
+    read_limited,
+    single_image,
+)
 from service.lanes import ForwardLanes, claim_threads
 from service.metrics import ServiceMetrics
 from service.middleware import (
@@ -180,6 +191,7 @@ class ConvServe:
         count_refusals_with(self.metrics.count_answer)  # 401/503/400 answered before a route
         self._model_device = None if self.remote else self.predictor.device.type
         self._apply_batching(self.config.batching)
+        fast_classify.answer_with(self.classify_raw)  # raw-body classify without FastAPI's routing
         self.ready = True
 
     # --- Serve hooks --------------------------------------------------------------------
@@ -317,45 +329,76 @@ class ConvServe:
 
     # --- routes -------------------------------------------------------------------------
 
-    @api.post("/v1/classify", openapi_extra={"requestBody": _IMAGE_BODY})
+    @api.post(CLASSIFY_PATH, openapi_extra={"requestBody": _IMAGE_BODY})
     async def classify(
         self, request: Request, top_k: int | None = Query(None, description="how many classes, 1..number of classes")
     ) -> Response:
         self.metrics.request_started()
         started = time.perf_counter()
-        deadline = self._deadline()
         status = 500
         try:
             req = await self._images(request, "classify")
-            k = parse_top_k(
-                req.top_k if req.top_k is not None else top_k, self.config.limits.default_top_k, len(self.bundle.labels)
-            )
-            prepared = await self._prepare_all(req.images, k, deadline)
-            if not req.multi and isinstance(prepared[0], ItemError):
-                err = prepared[0]
-                raise ApiError(err.status, err.code, err.message)
-            results = await self._run(prepared, deadline)
-            model_id = self.bundle.model_id
-            if not req.multi and isinstance(results[0], ItemError):  # e.g. a JPEG the model's side could not decode
-                err = results[0]
-                raise ApiError(err.status, err.code, err.message)
-            if not req.multi:
-                body = {"model": model_id, "predictions": self._predictions(results[0])}
-            else:
-                entries = [
-                    {"predictions": self._predictions(r)}
-                    if isinstance(r, ItemResult)
-                    else {"error": {"code": r.code, "message": r.message}}
-                    for r in results
-                ]
-                body = {"model": model_id, "results": entries}
+            body, headers = await self._classify(req, top_k, started)
             status = 200
-            return json_response(body, headers=self._headers(results, started))
+            return json_response(body, headers=headers)
         except ApiError as e:
             status = e.status
             raise
         finally:
             self.metrics.request_finished("classify", status)
+
+    async def classify_raw(
+        self, declared_length: str | None, chunks: AsyncIterator[bytes], top_k: int | None
+    ) -> tuple[int, bytes, dict[str, str]] | None:
+        """POST /v1/classify with one raw image, for service/fast_classify.py: (status, JSON body,
+        headers) as the route would answer, or None if the client went away before its body came."""
+        self.metrics.request_started()
+        started = time.perf_counter()
+        status = 500
+        try:
+            data = await read_limited(declared_length, chunks, self.config.limits.max_body_bytes)
+            self.metrics.count_images("classify", 1)
+            body, headers = await self._classify(ImageRequest(images=[data], multi=False), top_k, started)
+            status = 200
+            return 200, orjson.dumps(body), headers
+        except ApiError as e:
+            status = e.status
+            return status, orjson.dumps(error_body(CLASSIFY_PATH, e.code, e.message)), e.headers or {}
+        except ClientDisconnect:
+            status = 499  # nginx's "client closed request": nobody to answer
+            return None
+        except Exception:  # noqa: BLE001 - as the app's handler of unexpected errors answers (_internal_error)
+            log.exception("unhandled error")
+            return status, orjson.dumps(error_body(CLASSIFY_PATH, "internal_error", "internal server error")), {}
+        finally:
+            self.metrics.request_finished("classify", status)
+
+    async def _classify(self, req: ImageRequest, top_k: int | None, started: float) -> tuple[dict, dict[str, str]]:
+        """The answer to a classify request, body and headers; ApiError if it fails as a whole."""
+        deadline = started + self._time_budget_s()
+        k = parse_top_k(
+            req.top_k if req.top_k is not None else top_k, self.config.limits.default_top_k, len(self.bundle.labels)
+        )
+        prepared = await self._prepare_all(req.images, k, deadline)
+        if not req.multi and isinstance(prepared[0], ItemError):
+            err = prepared[0]
+            raise ApiError(err.status, err.code, err.message)
+        results = await self._run(prepared, deadline)
+        model_id = self.bundle.model_id
+        if not req.multi and isinstance(results[0], ItemError):  # e.g. a JPEG the model's side could not decode
+            err = results[0]
+            raise ApiError(err.status, err.code, err.message)
+        if not req.multi:
+            body = {"model": model_id, "predictions": self._predictions(results[0])}
+        else:
+            entries = [
+                {"predictions": self._predictions(r)}
+                if isinstance(r, ItemResult)
+                else {"error": {"code": r.code, "message": r.message}}
+                for r in results
+            ]
+            body = {"model": model_id, "results": entries}
+        return body, self._headers(results, started)
 
     @api.post("/v1/feature-maps", openapi_extra={"requestBody": _IMAGE_BODY})
     async def feature_maps(

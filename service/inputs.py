@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import orjson
@@ -41,20 +42,25 @@ def media_type(request: Request) -> str:
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The body, refusing with 413 as soon as it is known to exceed `max_bytes`."""
-    declared = request.headers.get("content-length")
+    return await read_limited(request.headers.get("content-length"), request.stream(), max_bytes)
+
+
+async def read_limited(declared: str | None, chunks: AsyncIterator[bytes], max_bytes: int) -> bytes:
+    """`chunks` joined, refusing with 413 as soon as the declared Content-Length or what has
+    arrived exceeds `max_bytes` (the routes' bodies, and service/fast_classify.py's)."""
     if declared is not None:
         try:
             if int(declared) > max_bytes:
                 raise too_large("body_too_large", f"request body of {declared} bytes exceeds the limit of {max_bytes}")
         except ValueError:
             raise bad_request("invalid_header", "Content-Length is not an integer") from None
-    chunks, total = [], 0
-    async for chunk in request.stream():
+    parts, total = [], 0
+    async for chunk in chunks:
         total += len(chunk)
         if total > max_bytes:
             raise too_large("body_too_large", f"request body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 async def read_images(request: Request, limits: Limits) -> ImageRequest:

@@ -34,6 +34,7 @@ from pathlib import Path
 import orjson
 
 from service.config import ServeConfig
+from service.fast_classify import FastClassify
 
 OVERLOADED_RETRY_AFTER_S = 1
 GUARDED_PATHS = ("/v1/classify", "/v1/feature-maps", "/v1/explain")
@@ -341,6 +342,8 @@ class OverloadGuard:
 
 
 def install(api) -> None:
-    """Add both middlewares to a FastAPI/Starlette app; auth runs first (outermost)."""
+    """Add both middlewares to a FastAPI/Starlette app; auth runs first (outermost). Innermost, behind
+    both, the raw-body classify fast path (service/fast_classify.py)."""
+    api.add_middleware(FastClassify)
     api.add_middleware(OverloadGuard)
     api.add_middleware(BearerAuth)

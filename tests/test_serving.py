@@ -171,6 +171,50 @@ def test_bad_top_k_is_400(service, top_k):
     assert_error(classify(service, jpeg, top_k=top_k), 400, "invalid_parameter")
 
 
+def tiny_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (7, 5), (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "content_type", "params"),
+    [
+        ("jpeg", None, "image/jpeg", {"top_k": "3"}),
+        ("jpeg, default top_k", None, "image/jpeg", {}),
+        ("png as octet-stream", "png", "application/octet-stream", {"top_k": "10"}),
+        ("top_k 0", None, "image/jpeg", {"top_k": "0"}),
+        ("top_k 11", None, "image/jpeg", {"top_k": "11"}),
+        ("not an image", b"garbage", "image/png", {}),
+        ("empty body", b"", "image/jpeg", {}),
+        ("truncated jpeg", "half", "image/jpeg", {}),
+        ("over the body limit", b"\xff\xd8\xff" + b"\0" * (9 * 1024 * 1024), "image/jpeg", {}),
+    ],
+)
+def test_the_raw_fast_path_answers_as_the_route_does(service, name, body, content_type, params):
+    """service/fast_classify.py answers a raw body with at most `top_k`; one more query parameter
+    (which the route ignores) sends the same request through FastAPI's route instead."""
+    _, jpeg = fixture_jpegs(1)[0]
+    body = {None: jpeg, "png": tiny_png(), "half": jpeg[: len(jpeg) // 2]}.get(body, body)
+    fast = classify(service, body, content_type, **params)
+    routed = classify(service, body, content_type, **params, via="route")
+    assert fast.status_code == routed.status_code, (fast.text, routed.text)
+    wanted = {"content-type", "content-length", "x-batch-size", "server-timing"}
+    assert {k for k in fast.headers if k.lower() in wanted} == {k for k in routed.headers if k.lower() in wanted}
+    assert fast.headers["content-type"] == routed.headers["content-type"] == "application/json"
+    if fast.status_code != 200:
+        assert fast.json() == routed.json()
+        assert_error(fast, fast.status_code)
+        return
+    a, b = fast.json(), routed.json()
+    assert a["model"] == b["model"]
+    assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
+    # the two may run in batches of different sizes: scores equal to float32 rounding
+    for p, q in zip(a["predictions"], b["predictions"], strict=True):
+        assert p["score"] == pytest.approx(q["score"], abs=1e-4)
+    assert len(a["predictions"]) == int(params.get("top_k", 5))
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 
