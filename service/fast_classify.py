@@ -10,10 +10,10 @@ passes on to the route unchanged. It sits inside the bearer auth and admission c
 (tests/test_serving.py sends each request both ways and compares).
 
 Why: the replica's event loop shares the CPU with the forward lanes, and each millisecond it spends
-per request is one the lanes lose. Measured on the 2-core machine at 128 connections (event-loop
-thread CPU over 10 s of wrk, /proc; two runs each, 2026-12-03): 0.87 and 0.74 ms per request
-through FastAPI, 0.58 and 0.51 ms here; the loop's share of the machine fell from 19% to 13% of
-one CPU and the lanes' rose by as much.
+per request is one the lanes lose. Measured on the 2-core machine at 128 connections (CPU of the
+event-loop thread over 10 s of wrk, from /proc; 2026-12-03): 0.74-0.87 ms per request through
+FastAPI (six runs), 0.51-0.58 ms here (five runs); the loop went from 17-19% of one CPU to 12-13%,
+and the lanes from 160-166% to 166-170%.
 """
 
 from __future__ import annotations
