@@ -90,8 +90,12 @@ class FastClassify:
         answer = await handler(None if length is None else length.decode("latin-1"), _chunks(receive), top_k)
         if answer is None:
             return
-        status, body, headers = answer
-        raw = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
-        raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, *answer)
+
+
+async def send_json(send, status: int, body: bytes, headers: dict[str, str]) -> None:
+    """A whole JSON response on an ASGI `send` (this path's answers, the middlewares' refusals)."""
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

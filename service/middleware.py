@@ -34,7 +34,7 @@ from pathlib import Path
 import orjson
 
 from service.config import ServeConfig
-from service.fast_classify import FastClassify
+from service.fast_classify import FastClassify, send_json
 
 OVERLOADED_RETRY_AFTER_S = 1
 GUARDED_PATHS = ("/v1/classify", "/v1/feature-maps", "/v1/explain")
@@ -276,11 +276,7 @@ def replica_max_ongoing_requests() -> int:
 
 
 async def _send_error(scope, send, status: int, code: str, message: str, headers: dict[str, str]) -> None:
-    body = orjson.dumps(error_body(scope["path"], code, message))
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+    await send_json(send, status, orjson.dumps(error_body(scope["path"], code, message)), headers)
 
 
 def _bearer(scope) -> bytes | None:
