@@ -548,7 +548,7 @@ def print_table(results: dict) -> None:
                       f"{r['p99_ms']:>9.2f}{r['errors']:>8}")  # fmt: skip
     t = results["targets"]
     best = next((r for r in results["served"]["batching_on"] if r["concurrency"] == t.get("best_concurrency")), None)
-    if best is not None:
+    if best is not None and t.get("lanes_speed_vs_offline") is not None:
         parts = ", ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in best["cpu_percent"].items() if k != "cpus")
         total = 100 * best["cpu_percent"]["cpus"]
         print(
