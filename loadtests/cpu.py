@@ -1,8 +1,10 @@
 """Where the machine's CPU went during a load point: /proc read twice, the difference by part.
 
     before = snapshot(); ...load...; after = snapshot(); shares(before, after)
-    -> {"lanes": 163.2, "replica_rest": 18.4, "haproxy": 2.1, "load_generator": 1.2, "ray": 6.0,
-        "other": 4.1, "idle": 3.0, "steal": 0.0, "cpus": 2}
+    -> {"lanes": 169.9, "replica_rest": 13.1, "haproxy": 1.6, "load_generator": 1.2, "ray": 9.4,
+        "other": 1.0, "idle": 2.5, "steal": 1.0, "cpus": 2}
+
+(`make bench`, 128 connections, results/bench-s22-1, 2026-12-03.)
 
 Percent of one CPU, so a 2-CPU machine has 200 to share. The parts:
 - `lanes`: the replica's forward lanes, the threads named `convserve-fwd*` (service/lanes.py; the
