@@ -11,7 +11,8 @@ Percent of one CPU, so a 2-CPU machine has 200 to share. The parts:
   OpenMP threads a lane starts inherit its name);
 - `replica_rest`: the replica's other threads: its event loop (HTTP, decode, batching, answers)
   and Ray's threads in the worker;
-- `haproxy`, `load_generator` (wrk);
+- `haproxy`, `load_generator` (wrk, and the processes passed as `load_generators`: the
+  reliability tests' own Python load generator);
 - `ray`: Ray's other processes (controller, proxy actor, HAProxy manager, dashboard and its
   agent, raylet, GCS) and the service's driver and supervisor;
 - `other`: everything else (kernel threads, this benchmark, the rest of the machine);
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from service.lanes import LANE_THREAD_PREFIX
@@ -57,10 +59,10 @@ def _stat(path: Path) -> tuple[str, int, float] | None:
     return comm, int(fields[19]), (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def _part(pid: int, comm: str) -> str:
+def _part(pid: int, comm: str, load_generators: Collection[int]) -> str:
     if comm == "haproxy":
         return "haproxy"
-    if comm == "wrk":
+    if comm == "wrk" or pid in load_generators:
         return "load_generator"
     if comm.startswith("ray::") or comm in RAY_NAMES:
         return "ray"
@@ -72,7 +74,9 @@ def _part(pid: int, comm: str) -> str:
     return "ray" if b"/ray/" in cmdline or b"-m service" in cmdline else "other"
 
 
-def snapshot() -> Snapshot | None:
+def snapshot(load_generators: Collection[int] = ()) -> Snapshot | None:
+    """CPU seconds so far per process (per thread in a replica); `load_generators`: pids counted
+    as the load generator whatever their name."""
     if not (PROC / "stat").exists():
         return None
     cpu_s: dict[tuple[int, int, str], float] = {}
@@ -85,7 +89,7 @@ def snapshot() -> Snapshot | None:
             continue
         comm, started, seconds = stat
         if not comm.startswith(REPLICA_PREFIX):
-            cpu_s[(pid, started, _part(pid, comm))] = seconds
+            cpu_s[(pid, started, _part(pid, comm, load_generators))] = seconds
             continue
         try:
             tasks = list((entry / "task").iterdir())

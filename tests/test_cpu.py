@@ -75,3 +75,20 @@ def test_a_process_that_ended_between_snapshots_is_not_counted():
     proc.wait(10)
     after = cpu.snapshot()
     assert cpu.shares(before, after)["load_generator"] == 0.0
+
+
+def test_a_python_load_generator_is_counted_by_its_pid():
+    """The reliability tests' load generator is a Python process: a load generator by its pid,
+    "other" without it."""
+    proc = spinning("python3", "python3", 2.5)
+    try:
+        with_pid = cpu.snapshot(load_generators={proc.pid})
+        time.sleep(1.0)
+        named = cpu.shares(with_pid, cpu.snapshot(load_generators={proc.pid}))
+        without = cpu.snapshot()
+        time.sleep(1.0)
+        unnamed = cpu.shares(without, cpu.snapshot())
+    finally:
+        proc.wait(10)
+    assert named["load_generator"] >= 40, named
+    assert unnamed["load_generator"] < 30 and unnamed["other"] >= 40, unnamed
