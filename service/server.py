@@ -132,7 +132,12 @@ class HAProxyUnreachable(OSError):
 def haproxy_query(port: int, command: str) -> list[str]:
     """`command`'s answer from each HAProxy of this service (one per reload still running), through
     their stats sockets. HAProxyUnreachable when there is no socket, or none answers."""
-    answers, problems = [], []
+    return list(haproxy_query_by_socket(port, command).values())
+
+
+def haproxy_query_by_socket(port: int, command: str) -> dict[str, str]:
+    """`haproxy_query`, by stats socket path (one per HAProxy process)."""
+    answers, problems = {}, []
     for path in glob.glob(os.path.join(runtime_dir(port), "*", "admin.sock")):
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -145,7 +150,7 @@ def haproxy_query(port: int, command: str) -> list[str]:
         except OSError as e:
             problems.append(f"{path}: {e.strerror or e}")
             continue
-        answers.append(b"".join(chunks).decode(errors="replace"))
+        answers[path] = b"".join(chunks).decode(errors="replace")
     if not answers:
         raise HAProxyUnreachable("; ".join(problems) or f"no stats socket under {runtime_dir(port)}")
     return answers
@@ -164,10 +169,51 @@ def haproxy_in_flight(port: int) -> int:
     return total
 
 
+REFUSALS_POLL_S = 5.0  # how often the driver reads HAProxy's refusal count into its metric
+
+
 def haproxy_refusals(port: int) -> int:
     """503s HAProxy answered itself past the admission limits (service/haproxy_gate.py), counted
     by its running processes since they started."""
-    return sum(refusals_in_table(answer) for answer in haproxy_query(port, f"show table {STATE_TABLE_NAME}"))
+    return sum(haproxy_refusals_by_process(port).values())
+
+
+def haproxy_refusals_by_process(port: int) -> dict[str, int]:
+    """`haproxy_refusals` per HAProxy process (by stats socket)."""
+    answers = haproxy_query_by_socket(port, f"show table {STATE_TABLE_NAME}")
+    return {path: refusals_in_table(answer) for path, answer in answers.items()}
+
+
+class RefusalExporter:
+    """HAProxy's own refusals as a metric, `convserve_haproxy_refusals_total`: they never reach a
+    replica (whose `convserve_requests_total` counts its answers), and they are kept out of
+    HAProxy's request log, which Ray's ingress metrics are parsed from (service/haproxy_gate.py).
+    `poll()` adds what each HAProxy process counted since the last poll; a count that went down
+    (the table's entry expired after an hour without refusals) starts again from zero."""
+
+    def __init__(self, port: int):
+        from ray.util import metrics
+
+        self.port = port
+        self.counter = metrics.Counter(
+            "convserve_haproxy_refusals_total",
+            description="requests HAProxy refused itself past the admission limits (JSON 503)",
+        )
+        self.seen: dict[str, int] = {}
+
+    def poll(self) -> int:
+        try:
+            counts = haproxy_refusals_by_process(self.port)
+        except HAProxyUnreachable:
+            return 0
+        added = 0
+        for path, count in counts.items():
+            before = self.seen.get(path, 0)
+            added += count - before if count >= before else count
+        self.seen = counts
+        if added:
+            self.counter.inc(added)
+        return added
 
 
 def drain_haproxy(port: int, timeout_s: float) -> None:
@@ -352,7 +398,10 @@ def serve_forever(
         )
         # For `ray.init(address=...)` + `serve.status()` from another process (tests, operators).
         print(f"convserve: ray address {ray.get_runtime_context().gcs_address}", flush=True)
-        stop.wait()
+        gated = ingress == "haproxy" and config.haproxy_admission and config.admission_batches
+        exporter = RefusalExporter(config.port) if gated else None
+        while not stop.wait(REFUSALS_POLL_S if exporter else None):
+            exporter.poll()
         print("convserve: stopping", flush=True)
         if ingress == "haproxy":
             drain_haproxy(config.port, float(options.get("graceful_shutdown_timeout_s", 20)))

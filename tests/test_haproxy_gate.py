@@ -35,6 +35,10 @@ def test_the_rules_go_into_the_http_frontend_before_its_routing():
     assert "be_conn(http-convserve)" in rules and "timeout tarpit 50ms" in rules
     assert '"{\\"error\\":{\\"code\\":\\"overloaded\\"' in rules  # convserve's JSON body, V2's too
     assert patched.rstrip().endswith("store gpc0,gpc0_rate(1s)")  # the refusal counter's table
+    # a refusal leaves no request-log line for Ray's HAProxyManager to parse (it is counted in the
+    # table instead); set before the tarpit, which ends the rules
+    silent = rules.index("http-request set-log-level silent if { var(txn.cs_refuse) -m bool }")
+    assert silent < rules.index("http-request tarpit")
     assert patch_config(patched, 1, 1) == patched  # a reload's file is patched once
 
 

@@ -379,8 +379,25 @@ def test_a_burst_past_the_admission_limit_is_refused_fast_with_json_503(service)
     assert all(json.loads(s.body)["error"]["code"] == "overloaded" for s in refused), figures
     assert max(s.latency_s for s in refused) < max(s.latency_s for s in samples if s.status == 200), figures
     if by_haproxy:  # HAProxy answered every refusal itself (service/haproxy_gate.py), no replica spent work on one
-        assert haproxy_refusals(service.port) - before == len(refused), figures
+        total = haproxy_refusals(service.port)
+        assert total - before == len(refused), figures
+        # and they are exported, though kept out of HAProxy's request log (service/server.py)
+        exported = exported_haproxy_refusals(service, at_least=total, timeout_s=40)
+        assert exported == total, (exported, total)
     assert_healthy_with_auth(service)
+
+
+def exported_haproxy_refusals(service, at_least: int, timeout_s: float) -> float:
+    """`ray_convserve_haproxy_refusals_total` as scraped, once it reaches `at_least` (the driver
+    polls HAProxy every 5 s; Ray exports a few seconds later) or when `timeout_s` has passed."""
+    deadline, value = time.monotonic() + timeout_s, 0.0
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10).text
+        value = sum(float(v) for v in re.findall(r"^ray_convserve_haproxy_refusals_total\{[^}]*\} (\S+)", text, re.M))
+        if value >= at_least:
+            return value
+        time.sleep(1)
+    return value
 
 
 # Short variants of the slow tests below, on the shared service: seconds each, so that CI runs them.
