@@ -191,21 +191,33 @@ class RefusalExporter:
     `poll()` adds what each HAProxy process counted since the last poll; a count that went down
     (the table's entry expired after an hour without refusals) starts again from zero."""
 
-    def __init__(self, port: int):
-        from ray.util import metrics
+    def __init__(self, port: int, counter=None):
+        if counter is None:
+            from ray.util import metrics
 
+            counter = metrics.Counter(
+                "convserve_haproxy_refusals_total",
+                description="requests HAProxy refused itself past the admission limits (JSON 503)",
+            )
         self.port = port
-        self.counter = metrics.Counter(
-            "convserve_haproxy_refusals_total",
-            description="requests HAProxy refused itself past the admission limits (JSON 503)",
-        )
+        self.counter = counter
         self.seen: dict[str, int] = {}
+        self.problem: str | None = None
+
+    def counts(self) -> dict[str, int]:
+        return haproxy_refusals_by_process(self.port)
 
     def poll(self) -> int:
+        """Add the refusals counted since the last poll; 0 (and one printed line per new problem)
+        when HAProxy cannot be asked: a metric must not stop the service."""
         try:
-            counts = haproxy_refusals_by_process(self.port)
-        except HAProxyUnreachable:
+            counts = self.counts()
+        except (OSError, ValueError) as e:  # HAProxyUnreachable is an OSError
+            if str(e) != self.problem:
+                self.problem = str(e)
+                print(f"convserve: cannot read HAProxy's refusal count ({e}); retrying", flush=True)
             return 0
+        self.problem = None
         added = 0
         for path, count in counts.items():
             before = self.seen.get(path, 0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.haproxy_gate import MARKER, patch_config, refusals_in_table, write_launcher
-from service.server import haproxy_binary
+from service.server import HAProxyUnreachable, RefusalExporter, haproxy_binary
 
 RAY_CONFIG = (Path(__file__).parent / "fixtures" / "haproxy-ray-2.60.cfg").read_text()
 
@@ -87,3 +87,43 @@ def test_haproxy_accepts_the_patched_configuration_through_the_launcher(tmp_path
     assert MARKER in config.read_text()
     version = subprocess.run([launcher, "-v"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and "HAProxy version" in version.stdout
+
+
+class Tally:
+    def __init__(self):
+        self.total = 0
+
+    def inc(self, n):
+        self.total += n
+
+
+class ScriptedExporter(RefusalExporter):
+    """The exporter's arithmetic on counts given in turn (a dict per poll, or an error to raise)."""
+
+    def __init__(self, script):
+        super().__init__(port=0, counter=Tally())
+        self.script = iter(script)
+
+    def counts(self):
+        step = next(self.script)
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+
+def test_the_exporter_adds_what_each_haproxy_counted_since_the_last_poll(capsys):
+    exporter = ScriptedExporter(
+        [
+            {"a": 10},
+            {"a": 25},
+            {"a": 30, "b": 4},  # a reload: a second HAProxy, counting from zero
+            {"b": 9},  # the old one drained and exited: its count is not taken back
+            HAProxyUnreachable("no stats socket"),  # between reloads: nothing added, one line
+            HAProxyUnreachable("no stats socket"),
+            {"b": 2},  # the table's entry expired (an hour without refusals): counted again from 0
+        ]
+    )
+    added = [exporter.poll() for _ in range(7)]
+    assert added == [10, 15, 9, 5, 0, 0, 2]
+    assert exporter.counter.total == 41
+    assert capsys.readouterr().out.count("cannot read HAProxy's refusal count") == 1
