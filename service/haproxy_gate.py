@@ -76,7 +76,7 @@ def gate_rules(backend: str, normal: int, overloaded: int) -> list[str]:
         " || cs_guarded cs_refusing cs_full_overloaded",
         "http-request sc-inc-gpc0(2) if { var(txn.cs_refuse) -m bool }",
         # No request-log line for a refusal: Ray's HAProxyManager parses every line in Python for
-        # its ingress metrics, 14% of a CPU at 1,300 refusals/s (docs/reliability.md); the count
+        # its ingress metrics, 14% of a CPU at 1,300 requests/s, most refused (docs/reliability.md); the count
         # above is exported instead (service/server.py, convserve_haproxy_refusals_total).
         "http-request set-log-level silent if { var(txn.cs_refuse) -m bool }",
         f"{refuse} string {v2} if {{ var(txn.cs_refuse) -m bool }} cs_v2",

@@ -340,10 +340,15 @@ def model_options_from_args(a: argparse.Namespace, config: ServeConfig) -> dict 
     return deployment_options(load_serve_config(a.serve_config), overrides, name=MODEL)
 
 
+def admission_gate_on(config: ServeConfig) -> bool:
+    """Whether HAProxy applies the admission limits itself (when it is the ingress)."""
+    return bool(config.haproxy_admission and config.admission_batches)
+
+
 def with_admission_gate(binary: str, config: ServeConfig, options: dict) -> str:
     """HAProxy with the replicas' admission limits (service/haproxy_gate.py): the launcher Ray
     starts instead of `binary`, or `binary` itself when admission control is off."""
-    if not (config.haproxy_admission and config.admission_batches):
+    if not admission_gate_on(config):
         return binary
     gate = gate_for(config, int(options.get("max_ongoing_requests", 256)))
     os.makedirs(runtime_dir(config.port), exist_ok=True)
@@ -410,8 +415,7 @@ def serve_forever(
         )
         # For `ray.init(address=...)` + `serve.status()` from another process (tests, operators).
         print(f"convserve: ray address {ray.get_runtime_context().gcs_address}", flush=True)
-        gated = ingress == "haproxy" and config.haproxy_admission and config.admission_batches
-        exporter = RefusalExporter(config.port) if gated else None
+        exporter = RefusalExporter(config.port) if binary and admission_gate_on(config) else None
         while not stop.wait(REFUSALS_POLL_S if exporter else None):
             exporter.poll()
         print("convserve: stopping", flush=True)
