@@ -32,7 +32,7 @@ from service import fast_classify, oip, oip_grpc
 from service.batcher import ModelBatcher, make_predictor
 from service.config import MAX_BATCH_SIZE_LIMIT, BatchingConfig, ServeConfig
 from service.decode import check_pixels, decode_image_bytes, jpeg_size, sniff_format
-from service.errors import ApiError, bad_request, not_found, timed_out
+from service.errors import ApiError, bad_request, not_found, shed, timed_out
 from service.explain import (
     cam_layers,
     explanation_json,
@@ -57,6 +57,7 @@ from service.inputs import (
 from service.lanes import ForwardLanes, claim_threads
 from service.metrics import ServiceMetrics
 from service.middleware import (
+    OVERLOADED_RETRY_AFTER_S,
     admission_gate,
     admission_limit,
     admission_limit_overloaded,
@@ -66,6 +67,7 @@ from service.middleware import (
     grpc_token,
     resize_admission,
     resolve_auth_token,
+    shed_with,
 )
 from service.middleware import configure as configure_middleware
 from service.middleware import install as install_middleware
@@ -73,6 +75,7 @@ from service.model_app import ConvModel, RemoteModel
 from service.oip import OipError
 from service.oip_grpc import GRPC_STATUS
 from service.oip_proto import open_inference_pb2 as pb
+from service.pacing import Shed
 from service.page import index_html, static_file
 from service.predictor import (
     BatchedPredictor,
@@ -83,6 +86,10 @@ from service.predictor import (
 )
 
 log = logging.getLogger("convserve")
+
+SHED_MESSAGE = (
+    f"the service became overloaded while this request waited for a batch; retry after {OVERLOADED_RETRY_AFTER_S} s"
+)
 
 # The replica answers 504 JSON this long before the ingress's request_timeout_s would cut the
 # connection with a bare 408/504 of its own.
@@ -189,6 +196,7 @@ class ConvServe:
             self.lanes = ForwardLanes(1, 1)
             self.remote = RemoteModel(model, self.config.batching.max_batch_size, self.config.ingress_group_wait_s)
         count_refusals_with(self.metrics.count_answer)  # 401/503/400 answered before a route
+        shed_with(self.batcher.shed if self.batcher else None)  # as an overload starts (AdmissionGate.refused)
         self._model_device = None if self.remote else self.predictor.device.type
         self._apply_batching(self.config.batching)
         fast_classify.answer_with(self.classify_raw)  # raw-body classify without FastAPI's routing
@@ -297,6 +305,8 @@ class ConvServe:
                     results = await self.remote.run(work, budget_s)
         except TimeoutError:
             raise self._timeout_error() from None
+        except Shed:  # taken off the pacer's gate as an overload started (ModelBatcher.shed)
+            raise shed(OVERLOADED_RETRY_AFTER_S) from None
         if any(isinstance(r, ItemError) and r.status == 504 for r in results):
             raise self._timeout_error()  # expired in the model replica's queue
         done = iter(results)

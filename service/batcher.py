@@ -30,6 +30,9 @@ from service.predictor import BatchedPredictor, ItemError, ItemResult, WorkItem,
 log = logging.getLogger("convserve")
 
 PACING_MARGIN_S = 0.003  # the next batch is handed over this long before the forward thread is free
+# When an overload starts, the requests that came to the pacer's gate this recently are shed (refused):
+# their refusal then comes about as late as one from HAProxy's tarpit (service/haproxy_gate.py).
+SHED_WINDOW_S = 0.05
 
 
 def make_predictor(config: ServeConfig, bundle: Bundle) -> BatchedPredictor:
@@ -95,6 +98,11 @@ class ModelBatcher:
         if alone != self._waiting_alone:
             self._waiting_alone = alone
             self._batched.set_batch_wait_timeout_s(0.0 if alone else self.config.batching.batch_wait_timeout_s)
+
+    def shed(self, at_most: int) -> int:
+        """Refuse up to `at_most` of the newest requests waiting for a batch (they raise
+        service.pacing.Shed); how many. Called when admission control starts refusing."""
+        return self.pacer.shed(at_most, SHED_WINDOW_S)
 
     async def check_health(self) -> None:
         """A tiny forward pass on a lane (never blocking the event loop); raises if the model no

@@ -138,6 +138,12 @@ class ServeConfig(BaseModel):
         description="with the HAProxy ingress of `python -m service`, HAProxy refuses past the admission limits "
         "itself, before a replica spends work on the refusal (service/haproxy_gate.py)",
     )
+    overload_signal_token: SecretStr | None = Field(
+        None,
+        description="set by `python -m service` when HAProxy's gate is in front (a random value per start): the "
+        "gate sends the first refusal of an overload on to the replica with this value in a header, and the "
+        "replica sheds its newest waiting requests (docs/reliability.md, 'Overload'); None: no such signal",
+    )
     auth_token: SecretStr | None = Field(
         None, description="bearer token required on /v1/* (CONVSERVE_AUTH_TOKEN); None = no auth"
     )

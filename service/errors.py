@@ -43,3 +43,10 @@ def not_found(code: str, message: str) -> ApiError:
 
 def timed_out(message: str) -> ApiError:
     return ApiError(504, "timeout", message)
+
+
+def shed(retry_after_s: int) -> ApiError:
+    """A request admitted just before an overload began, refused before it reached a batch
+    (service/middleware.py, AdmissionGate.refused)."""
+    message = f"the service became overloaded while this request waited for a batch; retry after {retry_after_s} s"
+    return ApiError(503, "overloaded", message, {"Retry-After": str(retry_after_s)})

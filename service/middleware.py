@@ -37,6 +37,9 @@ from service.config import ServeConfig
 from service.fast_classify import FastClassify, send_json
 
 OVERLOADED_RETRY_AFTER_S = 1
+# HAProxy's gate (service/haproxy_gate.py) sends the first refusal of an overload on to the replica
+# with this header, so that the replica starts refusing and shedding at the same moment.
+OVERLOAD_SIGNAL_HEADER = b"x-convserve-overload"
 GUARDED_PATHS = ("/v1/classify", "/v1/feature-maps", "/v1/explain")
 PROTECTED_PREFIX = "/v1/"
 COUNTED_ENDPOINTS = {
@@ -126,6 +129,9 @@ class AdmissionGate:
     # batches (max_batch_size 1, batching off) a limit of a few batches refused an ordinary
     # closed loop of 32 clients into a retry storm (22,246 refusals in 10 s).
     FLOOR = 64
+    # The overloaded limit only has to keep the lanes fed (a batch on each, the next one ready); it
+    # needs no room for closed loops, which never see it. With tiny batches, this many still come.
+    OVERLOADED_FLOOR = 16
     HOLD_S = 1.0  # overloaded for this long after the last refusal
 
     def __init__(
@@ -143,9 +149,12 @@ class AdmissionGate:
         self.in_flight = 0
         self.clock = clock
         self._refused_at = -math.inf
+        # Called with a count when an overload starts (`refused`); the replica sheds that many of
+        # its newest requests not yet in a batch (service/pacing.py, ForwardPacer.shed).
+        self.on_overload: Callable[[int], object] | None = None
 
-    def _limit(self, batches: float) -> int:
-        return max(1, min(self.cap, max(self.FLOOR, math.ceil(batches * self.max_batch_size))))
+    def _limit(self, batches: float, floor: int) -> int:
+        return max(1, min(self.cap, max(floor, math.ceil(batches * self.max_batch_size))))
 
     @property
     def overloaded(self) -> bool:
@@ -153,11 +162,11 @@ class AdmissionGate:
 
     @property
     def normal_limit(self) -> int:
-        return self._limit(self.batches)
+        return self._limit(self.batches, self.FLOOR)
 
     @property
     def overloaded_limit(self) -> int:
-        return self._limit(self.overloaded_batches)
+        return min(self.normal_limit, self._limit(self.overloaded_batches, self.OVERLOADED_FLOOR))
 
     @property
     def limit(self) -> int:
@@ -170,10 +179,22 @@ class AdmissionGate:
 
     def try_enter(self) -> bool:
         if self.in_flight >= self.limit:
-            self._refused_at = self.clock()
+            self.refused()
             return False
         self.in_flight += 1
         return True
+
+    def refused(self) -> None:
+        """Count a refusal, this gate's own or HAProxy's in front of it. One that starts an overload
+        (none in the last HOLD_S) calls `on_overload` with the requests admitted beyond the
+        overloaded limit: under the normal limit just before, they would wait for up to
+        `batches` batches ahead of them, where every later one waits for `overloaded_batches`."""
+        now = self.clock()
+        starts = now - self._refused_at >= self.HOLD_S
+        self._refused_at = now
+        excess = self.in_flight - self.overloaded_limit
+        if starts and excess > 0 and self.on_overload is not None:
+            self.on_overload(excess)
 
     def leave(self) -> None:
         self.in_flight -= 1
@@ -182,6 +203,11 @@ class AdmissionGate:
 class _Settings:
     token: bytes | None = None
     gate: AdmissionGate | None = None
+    # The value of HAProxy's OVERLOAD_SIGNAL_HEADER (service/haproxy_gate.py) when its gate is in
+    # front of this replica; None: the header means nothing (a client could send it).
+    overload_signal: bytes | None = None
+    # Sheds up to n of the replica's newest requests not yet in a batch; how many (set by the deployment).
+    shed: Callable[[int], int] | None = None
     # Called with (endpoint, status) for a request answered before it reached its route, so that
     # `requests_total` counts refusals too (set by the deployment to its metrics).
     on_refused: Callable[[str, int], None] | None = None
@@ -211,10 +237,32 @@ def configure(config: ServeConfig, max_ongoing_requests: int | None = None) -> N
     """Apply the replica's settings (call once, in the deployment's constructor)."""
     token = resolve_auth_token(config)
     SETTINGS.token = token.encode() if token else None
+    signal = config.overload_signal_token
+    SETTINGS.overload_signal = signal.get_secret_value().encode() if signal is not None else None
     if not config.admission_batches:
         SETTINGS.gate = None
         return
     SETTINGS.gate = gate_for(config, max_ongoing_requests or replica_max_ongoing_requests())
+    SETTINGS.gate.on_overload = _shed
+
+
+def shed_with(shed: Callable[[int], int] | None) -> None:
+    """What sheds the replica's newest waiting requests when an overload starts (AdmissionGate.refused):
+    the fused replica's batcher (ForwardPacer.shed). A function, not SETTINGS itself, as for
+    `count_refusals_with`."""
+    SETTINGS.shed = shed
+
+
+def _shed(excess: int) -> None:
+    if SETTINGS.shed is not None:
+        SETTINGS.shed(excess)
+
+
+def _overload_signalled(scope, signal: bytes) -> bool:
+    for key, value in scope.get("headers", ()):
+        if key == OVERLOAD_SIGNAL_HEADER:
+            return hmac.compare_digest(value, signal)
+    return False
 
 
 def gate_for(config: ServeConfig, max_ongoing_requests: int) -> AdmissionGate:
@@ -320,6 +368,9 @@ class OverloadGuard:
         gate = self.settings.gate
         if gate is None or scope["type"] != "http" or not is_guarded(scope["path"]):
             return await self.app(scope, receive, send)
+        signal = self.settings.overload_signal
+        if signal is not None and _overload_signalled(scope, signal):
+            gate.refused()  # HAProxy's gate began refusing (its first refusal, sent on marked): so does this one
         if not gate.try_enter():
             count_refused(scope["path"], 503, self.settings)
             return await _send_error(

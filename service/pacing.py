@@ -16,6 +16,10 @@ finish. Everything that arrived meanwhile then forms the next batch at once, and
 already queued for the lanes when a lane frees up. While a lane is free the gate stays open. Forward durations are
 predicted per batch size from the warm-up, then from what was measured (an exponential average).
 
+`shed` refuses the newest requests still waiting at the gate: when admission control starts
+refusing (service/middleware.py), the requests it admitted just before, under the higher limit,
+would otherwise wait behind everything ahead of them (docs/reliability.md, "Overload").
+
 Pure asyncio: no Ray, no torch. All methods run on the event loop.
 """
 
@@ -23,8 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import itertools
 import time
+
+
+class Shed(Exception):
+    """A request taken off the gate by `ForwardPacer.shed`: answer it 503, it was never computed."""
 
 
 class ForwardPacer:
@@ -48,8 +57,9 @@ class ForwardPacer:
         # Batches handed over and not finished, in order: token -> [size, predicted end or None while queued].
         self._pool: dict[int, list] = {}
         self._tokens = itertools.count()
-        self._gate = asyncio.Event()
-        self._gate.set()
+        self._open = True
+        # Requests held at the closed gate, oldest first: (when they came, the future they await).
+        self._waiting: collections.deque[tuple[float, asyncio.Future]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
 
     # --- prediction ---------------------------------------------------------------------
@@ -86,9 +96,38 @@ class ForwardPacer:
         """Batches computing now (at most `lanes`)."""
         return sum(1 for _, end in self._pool.values() if end is not None)
 
+    @property
+    def waiting(self) -> int:
+        """Requests held at the gate now."""
+        return sum(1 for _, f in self._waiting if not f.done())
+
     async def wait_turn(self) -> None:
-        """Return when a request should join the next batch."""
-        await self._gate.wait()
+        """Return when a request should join the next batch; raises Shed if `shed` took it."""
+        if self._open:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((time.monotonic(), future))
+        await future
+
+    def shed(self, at_most: int, window_s: float, now: float | None = None) -> int:
+        """Refuse (Shed) up to `at_most` of the requests held at the gate that came within the last
+        `window_s`, newest first; how many. The window bounds how late such a refusal is."""
+        now = time.monotonic() if now is None else now
+        shed = 0
+        while self._waiting and shed < at_most and now - self._waiting[-1][0] <= window_s:
+            _, future = self._waiting.pop()
+            if not future.done():  # not cancelled by its caller's timeout
+                future.set_exception(Shed())
+                shed += 1
+        return shed
+
+    def _set_open(self, is_open: bool) -> None:
+        self._open = is_open
+        if is_open:
+            waiting, self._waiting = self._waiting, collections.deque()
+            for _, future in waiting:
+                if not future.done():
+                    future.set_result(None)
 
     def submitted(self, batch_size: int, now: float | None = None) -> int:
         """A batch was handed to the worker pool: it runs on a free lane, or after the first to end."""
@@ -125,16 +164,16 @@ class ForwardPacer:
         # Open while a lane is free, or while every lane is busy, none is queued, and the first to
         # end does so within lead_s. A batch already waiting in the pool means the next must wait.
         if len(self._pool) < self.lanes:
-            self._gate.set()
+            self._set_open(True)
             return
         if len(self._pool) > self.lanes:
-            self._gate.clear()
+            self._set_open(False)
             return
         opens_at = min(end for _, end in self._pool.values()) - self.lead_s
         if now >= opens_at:
-            self._gate.set()
+            self._set_open(True)
             return
-        self._gate.clear()
+        self._set_open(False)
         self._timer = asyncio.get_running_loop().call_later(opens_at - now, self._update_now)
 
     def _update_now(self) -> None:

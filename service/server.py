@@ -14,12 +14,15 @@ import io
 import logging
 import os
 import platform
+import secrets
 import shutil
 import signal
 import socket
 import sys
 import threading
 import time
+
+from pydantic import SecretStr
 
 from service.config import ServeConfig
 from service.haproxy_gate import STATE_TABLE_NAME, refusals_in_table, write_launcher
@@ -352,13 +355,24 @@ def with_admission_gate(binary: str, config: ServeConfig, options: dict) -> str:
         return binary
     gate = gate_for(config, int(options.get("max_ongoing_requests", 256)))
     os.makedirs(runtime_dir(config.port), exist_ok=True)
-    return write_launcher(runtime_dir(config.port), binary, gate.normal_limit, gate.overloaded_limit)
+    token = config.overload_signal_token.get_secret_value() if config.overload_signal_token else None
+    return write_launcher(runtime_dir(config.port), binary, gate.normal_limit, gate.overloaded_limit, token)
+
+
+def with_overload_signal(config: ServeConfig, binary: str | None) -> ServeConfig:
+    """`config` with a fresh `overload_signal_token` when HAProxy's gate will be in front of the
+    replicas (service/haproxy_gate.py, gate_rules): the gate marks the first refusal of an overload
+    with it, and only a replica that knows it acts on the mark."""
+    if binary is None or not admission_gate_on(config):
+        return config.model_copy(update={"overload_signal_token": None})
+    return config.model_copy(update={"overload_signal_token": SecretStr(secrets.token_hex(16))})
 
 
 def serve_forever(
     config: ServeConfig, options: dict, num_cpus: float | None = None, model_options: dict | None = None
 ) -> int:
     ingress, binary = resolve_ingress(config.ingress)
+    config = with_overload_signal(config, binary)
     configure_ingress_env(ingress, with_admission_gate(binary, config, options) if binary else None, config.port)
     configure_loopback_env(config.host)
     configure_replica_env()

@@ -4,14 +4,20 @@ haproxy, and the launcher Ray starts in its place."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import re
+import socket
 import subprocess
 import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from service.haproxy_gate import MARKER, patch_config, refusals_in_table, write_launcher
+from service.haproxy_gate import MARKER, SIGNAL_HEADER, patch_config, refusals_in_table, write_launcher
 from service.server import HAProxyUnreachable, RefusalExporter, haproxy_binary
 
 RAY_CONFIG = (Path(__file__).parent / "fixtures" / "haproxy-ray-2.60.cfg").read_text()
@@ -34,11 +40,14 @@ def test_the_rules_go_into_the_http_frontend_before_its_routing():
     assert "nbsrv(http-convserve),mul(128)" in rules and "nbsrv(http-convserve),mul(64)" in rules
     assert "be_conn(http-convserve)" in rules and "timeout tarpit 50ms" in rules
     assert '"{\\"error\\":{\\"code\\":\\"overloaded\\"' in rules  # convserve's JSON body, V2's too
-    assert patched.rstrip().endswith("store gpc0,gpc0_rate(1s)")  # the refusal counter's table
+    assert patched.rstrip().endswith("store gpc0,gpc1_rate(1s)")  # the refusal counters' table
     # a refusal leaves no request-log line for Ray's HAProxyManager to parse (it is counted in the
     # table instead); set before the tarpit, which ends the rules
     silent = rules.index("http-request set-log-level silent if { var(txn.cs_refuse) -m bool }")
     assert silent < rules.index("http-request tarpit")
+    assert SIGNAL_HEADER not in rules.replace(f"del-header {SIGNAL_HEADER}", "")  # no signal without a token
+    signalled = "\n".join(frontend(patch_config(RAY_CONFIG, normal=128, overloaded=64, signal="c0ffee")))
+    assert f"set-header {SIGNAL_HEADER} c0ffee if" in signalled
     assert patch_config(patched, 1, 1) == patched  # a reload's file is patched once
 
 
@@ -87,6 +96,92 @@ def test_haproxy_accepts_the_patched_configuration_through_the_launcher(tmp_path
     assert MARKER in config.read_text()
     version = subprocess.run([launcher, "-v"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and "HAProxy version" in version.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HeldReplica(ThreadingHTTPServer):
+    """A stand-in for a replica behind HAProxy: holds /v1/classify requests until released,
+    answers a request carrying the signal header 503 at once, and records what it saw."""
+
+    def __init__(self):
+        self.seen: list[str | None] = []  # the signal header of each request, in arrival order
+        self.release = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(handler):  # noqa: N805 - the handler's own self; the server is `self`
+                handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+                signal = handler.headers.get(SIGNAL_HEADER)
+                self.seen.append(signal)
+                status, body = (503, b'{"from":"replica"}') if signal else (200, b"{}")
+                if signal is None:
+                    self.release.wait(20)
+                handler.send_response(status)
+                handler.send_header("Content-Length", str(len(body)))
+                handler.end_headers()
+                handler.wfile.write(body)
+
+            def log_message(handler, *args):  # noqa: N805
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def post(port: int, headers: dict[str, str] | None = None) -> tuple[int, bytes, float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    started = time.perf_counter()
+    conn.request("POST", "/v1/classify", body=b"x", headers=headers or {})
+    answer = conn.getresponse()
+    body = answer.read()
+    conn.close()
+    return answer.status, body, time.perf_counter() - started
+
+
+def test_haproxy_sends_the_first_refusal_of_an_overload_on_marked_and_answers_the_rest(tmp_path, binary):
+    """A real haproxy with the gate (limits 2 and 1 for its one server) in front of a held backend."""
+    replica = HeldReplica()
+    threading.Thread(target=replica.serve_forever, daemon=True).start()
+    port, sock = free_port(), tmp_path / "admin.sock"
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        f"global\n    stats socket {sock} mode 600 level admin\n"
+        "defaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n"
+        f"frontend http_frontend\n    bind 127.0.0.1:{port}\n    acl is_http-app path_beg /\n"
+        "    use_backend http-app if is_http-app\n"
+        f"backend http-app\n    server replica 127.0.0.1:{replica.server_address[1]}\n"
+    )
+    config.write_text(patch_config(config.read_text(), normal=2, overloaded=1, signal="t0ken"))
+    haproxy = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # two requests fill the backend (a client's own signal header never reaches it)
+        held = [threading.Thread(target=post, args=(port, {SIGNAL_HEADER: "t0ken"})) for _ in range(2)]
+        for t in held:
+            t.start()
+        while len(replica.seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert replica.seen == [None, None]
+        status, body, _ = post(port)  # the first refusal: on to the replica, marked with the token
+        assert (status, body, replica.seen[2:]) == (503, b'{"from":"replica"}', ["t0ken"])
+        status, body, seconds = post(port)  # refusing now: HAProxy answers, 50 ms late, unseen by the replica
+        assert status == 503 and json.loads(body)["error"]["code"] == "overloaded" and seconds >= 0.045
+        assert len(replica.seen) == 3
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock))
+            s.sendall(b"show table cs_overload\n")
+            table = b"".join(iter(lambda: s.recv(4096), b"")).decode()
+        assert refusals_in_table(table) == 1  # the refusals HAProxy answered itself
+    finally:
+        replica.release.set()
+        haproxy.terminate()
+        haproxy.wait(10)
+        replica.shutdown()
 
 
 class Tally:

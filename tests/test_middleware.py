@@ -145,6 +145,54 @@ def test_once_refusing_the_gate_holds_fewer_until_a_second_passes_without_refusa
     assert AdmissionGate(max_batch_size=32, batches=2, cap=240, overloaded_batches=3).overloaded_limit == 64
 
 
+def test_an_overload_start_sheds_what_was_admitted_beyond_the_overloaded_limit():
+    now = [0.0]
+    gate = AdmissionGate(max_batch_size=32, batches=4, cap=240, overloaded_batches=2, clock=lambda: now[0])
+    sheds = []
+    gate.on_overload = sheds.append
+    assert all(gate.try_enter() for _ in range(128))
+    assert not gate.try_enter() and sheds == [64]  # the first refusal: 64 beyond the overloaded limit
+    now[0] += 0.5
+    assert not gate.try_enter() and sheds == [64]  # still the same overload: nothing more
+    for _ in range(70):
+        gate.leave()
+    now[0] += 1.01  # a second without refusals: the next refusal starts a new overload
+    assert gate.in_flight == 58 and not gate.overloaded
+    assert all(gate.try_enter() for _ in range(70)) and not gate.try_enter()
+    assert sheds == [64, 64]
+    gate.in_flight, now[0] = 60, now[0] + 2
+    gate.refused()  # HAProxy refused (its signal): nothing admitted beyond 64, nothing to shed
+    assert sheds == [64, 64] and gate.overloaded
+
+
+def test_the_overloaded_limit_has_a_floor_of_its_own():
+    # 1.5 batches are 48 (the normal limit's floor of 64 is for closed loops, which never see it)
+    assert AdmissionGate(max_batch_size=32, batches=4, cap=240, overloaded_batches=1.5).overloaded_limit == 48
+    tiny = AdmissionGate(max_batch_size=1, batches=4, cap=240, overloaded_batches=2)
+    assert (tiny.normal_limit, tiny.overloaded_limit) == (64, AdmissionGate.OVERLOADED_FLOOR)
+
+
+def test_the_guard_acts_on_haproxys_signal_only_with_the_services_token():
+    def guarded(signal: bytes | None) -> tuple[OverloadGuard, AdmissionGate, list[int]]:
+        gate = AdmissionGate(max_batch_size=32, batches=4, cap=240, overloaded_batches=2)
+        gate.in_flight = 100  # within the normal limit, beyond the overloaded one
+        sheds: list[int] = []
+        gate.on_overload = sheds.append
+        settings = _Settings()
+        settings.gate, settings.overload_signal = gate, signal
+        return OverloadGuard(ok_app, settings), gate, sheds
+
+    app, gate, sheds = guarded(b"t0ken")
+    status, _, body = call(app, "/v1/classify", {"X-Convserve-Overload": "t0ken"})
+    assert status == 503 and orjson.loads(body)["error"]["code"] == "overloaded"  # HAProxy refused it
+    assert sheds == [36] and gate.overloaded and gate.in_flight == 100
+    app, gate, sheds = guarded(b"t0ken")
+    assert call(app, "/v1/classify", {"X-Convserve-Overload": "guess"})[0] == 200  # not HAProxy's
+    assert sheds == [] and not gate.overloaded
+    app, gate, sheds = guarded(None)  # no HAProxy gate in front: the header means nothing
+    assert call(app, "/v1/classify", {"X-Convserve-Overload": "t0ken"})[0] == 200 and sheds == []
+
+
 def test_gate_limit_follows_a_live_batch_size_change_and_is_capped():
     gate = AdmissionGate(max_batch_size=32, batches=2.5, cap=100)
     assert gate.limit == 80

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from service.pacing import ForwardPacer
+from service.pacing import ForwardPacer, Shed
 
 
 def test_prediction_interpolates_between_measured_sizes_and_scales_beyond():
@@ -95,5 +95,31 @@ def test_two_lanes_take_two_batches_before_the_gate_holds():
         await asyncio.wait_for(pacer.wait_turn(), 0.01)  # one lane free again
         pacer.finished(third, 0.2)
         assert pacer.idle
+
+    asyncio.run(scenario())
+
+
+def test_shed_refuses_the_newest_requests_at_the_gate_within_the_window():
+    async def scenario():
+        pacer = ForwardPacer(lead_s=0.005, seed_durations_s={32: 10.0})
+        token = pacer.submitted(32)  # a 10 s batch: the gate stays shut
+        old = asyncio.ensure_future(pacer.wait_turn())
+        await asyncio.sleep(0.1)  # this one came 100 ms before the overload
+        recent = [asyncio.ensure_future(pacer.wait_turn()) for _ in range(4)]
+        gone = asyncio.ensure_future(pacer.wait_turn())
+        await asyncio.sleep(0.01)
+        gone.cancel()  # its caller timed out: not counted as shed
+        await asyncio.sleep(0)
+        assert pacer.waiting == 5
+        assert pacer.shed(at_most=3, window_s=0.05) == 3  # the three newest live ones
+        assert pacer.waiting == 2
+        assert pacer.shed(at_most=10, window_s=0.05) == 1  # the last recent one; the old one stays
+        await asyncio.sleep(0)
+        for waiter in recent:
+            assert isinstance(waiter.exception(), Shed)
+        assert not old.done()
+        pacer.finished(token, None)  # the gate opens: the one left passes
+        await asyncio.wait_for(old, 0.1)
+        assert pacer.waiting == 0 and pacer.shed(10, 1.0) == 0
 
     asyncio.run(scenario())
