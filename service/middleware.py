@@ -121,8 +121,9 @@ class AdmissionGate:
     lower limit is a shorter wait at the same goodput, as long as the next batch is ready when a
     lane frees (at overload, requests arrive faster than they finish: it is). A closed loop within
     the normal limit is never refused, so it never sees the lower one: 4 batches leave room for
-    bench's 128 connections, while open-loop overload waits for 2 (docs/reliability.md: 1.5 was
-    not measurably better).
+    bench's 128 connections, while open-loop overload waits for 2 (docs/reliability.md: 1.5
+    waited less but served less at 8x). A refusal that starts an overload also sheds what was
+    admitted beyond the overloaded limit just before (`refused`, `on_overload`).
     """
 
     # Whatever the batch size, this many requests are admitted (if the cap allows): with tiny
