@@ -616,8 +616,9 @@ def test_overload_at_two_four_and_eight_times_capacity(fresh_service):
     }
     record("overload", figures)
     # What held in the runs of docs/reliability.md ("Overload"), with margin: goodput 0.87-1.10 of
-    # capacity at 2x and 4x, 0.57-0.95 at 8x; accepted p99 1.00-2.37x the at-capacity p99 at 2x and
-    # 4x; refusal p99 53-231 ms.
+    # capacity at 2x and 4x; accepted p99 1.00-2.37x the at-capacity p99 at 2x and 4x; refusal p99
+    # 53-231 ms; at 8x, since the refusals left HAProxy's request log (ten runs), goodput 0.87-1.00
+    # and accepted p99 1.49-2.76x.
     for run in runs:
         assert set(run["statuses"]) <= {200, 503}, figures  # nothing hangs, times out or fails otherwise
         assert run["statuses"].get(503), f"{run['multiple']}x capacity should be refused in part: {figures}"
@@ -627,8 +628,9 @@ def test_overload_at_two_four_and_eight_times_capacity(fresh_service):
         assert run["goodput_over_capacity"] >= 0.8, figures  # target 90%
         # while refusing, an admitted request waits for admission_batches_overloaded (2) batches
         assert run["p99_accepted_over_p99_at_capacity"] <= 3.0, figures  # target 2x
-    # 8x: about 1,400-1,900 requests/s from a Python load generator on the same two cores
-    assert runs[2]["goodput_over_capacity"] >= 0.4, figures  # target 90%
+    # 8x: about 1,300-1,900 requests/s from a Python load generator on the same two cores
+    assert runs[2]["goodput_over_capacity"] >= 0.7, figures  # target 90%
+    assert runs[2]["p99_accepted_over_p99_at_capacity"] <= 3.5, figures  # target 2x
     assert_healthy_with_auth(svc)
 
 
