@@ -906,7 +906,9 @@ def code_version(config: ServeConfig) -> str:
     import hashlib
     from pathlib import Path
 
-    settings = config.model_dump(mode="json", exclude={"batching"})  # a secret dumps as "**********"
+    # A secret dumps as "**********". The overload signal's token is made anew at each start of
+    # `python -m service` (service/server.py): a second driver's redeploy does not know it.
+    settings = config.model_dump(mode="json", exclude={"batching", "overload_signal_token"})
     if config.auth_token is not None:  # so that a new token counts as a change
         settings["auth_token"] = hashlib.sha256(config.auth_token.get_secret_value().encode()).hexdigest()
     source = b"".join(path.read_bytes() for path in sorted(Path(__file__).parent.glob("*.py")))
