@@ -102,7 +102,10 @@ class ModelBatcher:
     def shed(self, at_most: int) -> int:
         """Refuse up to `at_most` of the newest requests waiting for a batch (they raise
         service.pacing.Shed); how many. Called when admission control starts refusing."""
-        return self.pacer.shed(at_most, SHED_WINDOW_S)
+        shed = self.pacer.shed(at_most, SHED_WINDOW_S)
+        if shed:
+            self.metrics.count_shed(shed)
+        return shed
 
     async def check_health(self) -> None:
         """A tiny forward pass on a lane (never blocking the event loop); raises if the model no

@@ -86,6 +86,12 @@ class ServiceMetrics:
             tag_keys=("reason",),
         )
         self._fallbacks_flushed: collections.Counter[str] = collections.Counter()
+        self.shed_total = Counter(
+            "convserve_shed_total",
+            description="Requests admitted just before an overload began and refused (503 overloaded) before "
+            "they reached a batch.",
+        )
+        self._shed = 0
         # Running totals since the replica started, for the Open Inference Protocol's statistics
         # (GET /v2/models/<name>/stats): counts and nanoseconds, as Triton reports them.
         self.totals: collections.Counter[str] = collections.Counter()
@@ -119,6 +125,10 @@ class ServiceMetrics:
     def count_answer(self, endpoint: str, status: int | str) -> None:
         """One HTTP answer; alone for requests answered before their route ran (refusals)."""
         self._answers[(endpoint, str(status))] += 1
+        self._soon()
+
+    def count_shed(self, n: int) -> None:
+        self._shed += n
         self._soon()
 
     def count_images(self, endpoint: str, n: int) -> None:
@@ -165,6 +175,9 @@ class ServiceMetrics:
             self.inference_seconds.observe(inference_s)
             for wait in waits:
                 self.queue_wait_seconds.observe(wait)
+        shed, self._shed = self._shed, 0
+        if shed:
+            self.shed_total.inc(shed)
         for reason, n in (FALLBACKS - self._fallbacks_flushed).items():
             self.decode_fallbacks_total.inc(n, tags={"reason": reason})
         self._fallbacks_flushed = FALLBACKS.copy()

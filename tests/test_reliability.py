@@ -370,6 +370,7 @@ def test_a_burst_past_the_admission_limit_is_refused_fast_with_json_503(service)
     headers = {"Content-Type": "image/jpeg", **AUTH}
     by_haproxy = "ingress haproxy" in service.log_text()
     before = haproxy_refusals(service.port) if by_haproxy else 0
+    shed_before = exported_total(service, "ray_convserve_shed_total", at_least=0, timeout_s=0)
     samples = open_loop(url, fixture_jpegs(), headers, rate=3000, seconds=0.1, timeout_s=30)
     counts = statuses(samples)
     refused = [s for s in samples if s.status == 503]
@@ -390,8 +391,11 @@ def test_a_burst_past_the_admission_limit_is_refused_fast_with_json_503(service)
         total = haproxy_refusals(service.port)
         assert total - before == by_whom["haproxy"] > by_whom["replica"] + by_whom["shed"], figures
         # and they are exported, though kept out of HAProxy's request log (service/server.py)
-        exported = exported_haproxy_refusals(service, at_least=total, timeout_s=40)
+        exported = exported_total(service, "ray_convserve_haproxy_refusals_total", at_least=total, timeout_s=40)
         assert exported == total, (exported, total)
+    if by_whom["shed"]:  # each shed request is counted (the replica's metrics)
+        shed = exported_total(service, "ray_convserve_shed_total", at_least=shed_before + by_whom["shed"], timeout_s=40)
+        assert shed - shed_before == by_whom["shed"], (shed, shed_before, figures)
     assert_healthy_with_auth(service)
 
 
@@ -404,13 +408,14 @@ def refused_by(body: bytes) -> str:
     return "shed" if "while this request waited for a batch" in message else "replica"
 
 
-def exported_haproxy_refusals(service, at_least: int, timeout_s: float) -> float:
-    """`ray_convserve_haproxy_refusals_total` as scraped, once it reaches `at_least` (the driver
-    polls HAProxy every 5 s; Ray exports a few seconds later) or when `timeout_s` has passed."""
+def exported_total(service, name: str, at_least: float, timeout_s: float) -> float:
+    """The counter `name` as scraped (summed over its series), once it reaches `at_least` (the
+    driver polls HAProxy every 5 s, a replica hands its counts over every 0.5 s; Ray exports a few
+    seconds later) or when `timeout_s` has passed."""
     deadline, value = time.monotonic() + timeout_s, 0.0
     while time.monotonic() < deadline:
         text = requests.get(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10).text
-        value = sum(float(v) for v in re.findall(r"^ray_convserve_haproxy_refusals_total\{[^}]*\} (\S+)", text, re.M))
+        value = sum(float(v) for v in re.findall(rf"^{name}(?:\{{[^}}]*\}})? (\S+)", text, re.M))
         if value >= at_least:
             return value
         time.sleep(1)
