@@ -156,12 +156,13 @@ def test_haproxy_sends_the_first_refusal_of_an_overload_on_marked_and_answers_th
     )
     config.write_text(patch_config(config.read_text(), normal=2, overloaded=1, signal="t0ken"))
     haproxy = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    held: list[threading.Thread] = []
     try:
         deadline = time.monotonic() + 20
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         # two requests fill the backend (a client's own signal header never reaches it)
-        held = [threading.Thread(target=post, args=(port, {SIGNAL_HEADER: "t0ken"})) for _ in range(2)]
+        held += [threading.Thread(target=post, args=(port, {SIGNAL_HEADER: "t0ken"})) for _ in range(2)]
         for t in held:
             t.start()
         while len(replica.seen) < 2 and time.monotonic() < deadline:
@@ -179,6 +180,8 @@ def test_haproxy_sends_the_first_refusal_of_an_overload_on_marked_and_answers_th
         assert refusals_in_table(table) == 1  # the refusals HAProxy answered itself
     finally:
         replica.release.set()
+        for t in held:
+            t.join(10)
         haproxy.terminate()
         haproxy.wait(10)
         replica.shutdown()
