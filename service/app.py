@@ -87,10 +87,6 @@ from service.predictor import (
 
 log = logging.getLogger("convserve")
 
-SHED_MESSAGE = (
-    f"the service became overloaded while this request waited for a batch; retry after {OVERLOADED_RETRY_AFTER_S} s"
-)
-
 # The replica answers 504 JSON this long before the ingress's request_timeout_s would cut the
 # connection with a bare 408/504 of its own.
 TIMEOUT_MARGIN_S = 1.0
