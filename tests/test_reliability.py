@@ -411,15 +411,14 @@ def refused_by(body: bytes) -> str:
 def exported_total(service, name: str, at_least: float, timeout_s: float) -> float:
     """The counter `name` as scraped (summed over its series), once it reaches `at_least` (the
     driver polls HAProxy every 5 s, a replica hands its counts over every 0.5 s; Ray exports a few
-    seconds later) or when `timeout_s` has passed."""
-    deadline, value = time.monotonic() + timeout_s, 0.0
-    while time.monotonic() < deadline:
+    seconds later) or when `timeout_s` has passed (scraped at least once)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
         text = requests.get(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10).text
         value = sum(float(v) for v in re.findall(rf"^{name}(?:\{{[^}}]*\}})? (\S+)", text, re.M))
-        if value >= at_least:
+        if value >= at_least or time.monotonic() >= deadline:
             return value
         time.sleep(1)
-    return value
 
 
 # Short variants of the slow tests below, on the shared service: seconds each, so that CI runs them.
