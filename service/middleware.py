@@ -207,8 +207,6 @@ class _Settings:
     # The value of HAProxy's OVERLOAD_SIGNAL_HEADER (service/haproxy_gate.py) when its gate is in
     # front of this replica; None: the header means nothing (a client could send it).
     overload_signal: bytes | None = None
-    # Sheds up to n of the replica's newest requests not yet in a batch; how many (set by the deployment).
-    shed: Callable[[int], int] | None = None
     # Called with (endpoint, status) for a request answered before it reached its route, so that
     # `requests_total` counts refusals too (set by the deployment to its metrics).
     on_refused: Callable[[str, int], None] | None = None
@@ -244,19 +242,14 @@ def configure(config: ServeConfig, max_ongoing_requests: int | None = None) -> N
         SETTINGS.gate = None
         return
     SETTINGS.gate = gate_for(config, max_ongoing_requests or replica_max_ongoing_requests())
-    SETTINGS.gate.on_overload = _shed
 
 
 def shed_with(shed: Callable[[int], int] | None) -> None:
     """What sheds the replica's newest waiting requests when an overload starts (AdmissionGate.refused):
-    the fused replica's batcher (ForwardPacer.shed). A function, not SETTINGS itself, as for
-    `count_refusals_with`."""
-    SETTINGS.shed = shed
-
-
-def _shed(excess: int) -> None:
-    if SETTINGS.shed is not None:
-        SETTINGS.shed(excess)
+    the fused replica's batcher (ForwardPacer.shed). Call after `configure`. A function, not
+    SETTINGS itself, as for `count_refusals_with`."""
+    if SETTINGS.gate is not None:
+        SETTINGS.gate.on_overload = shed
 
 
 def _overload_signalled(scope, signal: bytes) -> bool:

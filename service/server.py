@@ -359,20 +359,20 @@ def with_admission_gate(binary: str, config: ServeConfig, options: dict) -> str:
     return write_launcher(runtime_dir(config.port), binary, gate.normal_limit, gate.overloaded_limit, token)
 
 
-def with_overload_signal(config: ServeConfig, binary: str | None) -> ServeConfig:
+def with_overload_signal(config: ServeConfig, gate_installed: bool) -> ServeConfig:
     """`config` with a fresh `overload_signal_token` when HAProxy's gate will be in front of the
     replicas (service/haproxy_gate.py, gate_rules): the gate marks the first refusal of an overload
     with it, and only a replica that knows it acts on the mark."""
-    if binary is None or not admission_gate_on(config):
-        return config.model_copy(update={"overload_signal_token": None})
-    return config.model_copy(update={"overload_signal_token": SecretStr(secrets.token_hex(16))})
+    token = SecretStr(secrets.token_hex(16)) if gate_installed else None
+    return config.model_copy(update={"overload_signal_token": token})
 
 
 def serve_forever(
     config: ServeConfig, options: dict, num_cpus: float | None = None, model_options: dict | None = None
 ) -> int:
     ingress, binary = resolve_ingress(config.ingress)
-    config = with_overload_signal(config, binary)
+    gate_installed = binary is not None and admission_gate_on(config)  # HAProxy's gate, its signal and count
+    config = with_overload_signal(config, gate_installed)
     configure_ingress_env(ingress, with_admission_gate(binary, config, options) if binary else None, config.port)
     configure_loopback_env(config.host)
     configure_replica_env()
@@ -429,7 +429,7 @@ def serve_forever(
         )
         # For `ray.init(address=...)` + `serve.status()` from another process (tests, operators).
         print(f"convserve: ray address {ray.get_runtime_context().gcs_address}", flush=True)
-        exporter = RefusalExporter(config.port) if binary and admission_gate_on(config) else None
+        exporter = RefusalExporter(config.port) if gate_installed else None
         while not stop.wait(REFUSALS_POLL_S if exporter else None):
             exporter.poll()
         print("convserve: stopping", flush=True)
