@@ -83,11 +83,14 @@ def offline_limit(batch_sizes: list[int], seconds: float, lanes: int = 2) -> tup
     from concurrent.futures import ThreadPoolExecutor
 
     from model import DEFAULT_BUNDLE, load_bundle
+    from service.config import ServeConfig
     from service.decode import decode_image_bytes
     from service.predictor import BatchedPredictor, WorkItem
 
     bundle = load_bundle(DEFAULT_BUNDLE)
-    predictor = BatchedPredictor(bundle, "auto", "bf16", True)
+    # The served replicas' precision: CONVSERVE_CPU_AMP_DTYPE reaches them and this pass alike.
+    cpu_amp_dtype = ServeConfig.from_env().cpu_amp_dtype
+    predictor = BatchedPredictor(bundle, "auto", "bf16", True, cpu_amp_dtype=cpu_amp_dtype)
     datas = [p.read_bytes() for p in jpeg_files()]
     threads = torch.get_num_threads()
 
@@ -141,6 +144,7 @@ def offline_limit(batch_sizes: list[int], seconds: float, lanes: int = 2) -> tup
         "single_image_latency_passes_ms": [round(v, 2) for v in single],
         "torch_threads": threads,
         "device": str(predictor.device),
+        "autocast": str(predictor.amp_dtype).replace("torch.", "") if predictor.amp_dtype else "float32",
     }
     return figures, single_pass_ms
 
@@ -526,7 +530,8 @@ def print_table(results: dict) -> None:
     lanes = next((v for k, v in off.items() if k.endswith("_lanes") and v), {})
     one = ", ".join(f"{b}: {v:.0f}" for b, v in off["images_per_s_by_batch"].items())
     side = "; lanes: " + ", ".join(f"{b}: {v:.0f}" for b, v in lanes.items()) if lanes else ""
-    print(f"\noffline limit: {off['images_per_s']:.0f} img/s at batch {off['best_batch_size']}, "
+    print(f"\noffline limit ({off.get('autocast', 'float32')}): {off['images_per_s']:.0f} img/s "
+          f"at batch {off['best_batch_size']}, "
           f"{off['best_arrangement']} (one pass: {one}{side}); "
           f"single image p50 {off['single_image_latency_p50_ms']:.2f} ms "
           f"(median of passes {off['single_image_latency_passes_ms']})")  # fmt: skip

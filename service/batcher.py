@@ -44,6 +44,7 @@ def make_predictor(config: ServeConfig, bundle: Bundle) -> BatchedPredictor:
         config.channels_last,
         config.noop_forward,
         config.limits.max_image_pixels,
+        config.cpu_amp_dtype,
     )
 
 

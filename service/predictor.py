@@ -65,6 +65,11 @@ class ItemError:
     status: int = 400
 
 
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN's bf16 kernels need."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,6 +89,7 @@ class BatchedPredictor:
         channels_last: bool = True,
         noop_forward: bool = False,
         max_image_pixels: int = 40_000_000,
+        cpu_amp_dtype: str = "off",
     ):
         self.bundle = bundle
         self.noop_forward = noop_forward  # benchmarks only: zeros of the model's output shapes
@@ -93,8 +99,11 @@ class BatchedPredictor:
         self.device = pick_device(device)
         self.channels_last = channels_last
         self.layer_names = [info.name for info in bundle.layers]
-        # CPU runs float32: bf16 autocast changes results and is slower on CPUs without bf16 units.
-        self.amp_dtype = _AMP_DTYPES[amp_dtype] if self.device.type == "cuda" else None
+        # Autocast: `amp_dtype` on CUDA; on a CPU `cpu_amp_dtype`, float32 unless asked, because bf16
+        # moves scores a little (it pays on CPUs with bf16 units, and is slower on those without).
+        self.amp_dtype = _AMP_DTYPES[amp_dtype if self.device.type == "cuda" else cpu_amp_dtype]
+        if self.device.type == "cpu" and self.amp_dtype is torch.bfloat16 and not cpu_has_bf16_units():
+            log.warning("cpu_amp_dtype bf16 on a CPU without bf16 units (AVX512-BF16, AMX): likely slower than float32")
         model = bundle.model.eval().to(self.device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
