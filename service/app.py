@@ -193,7 +193,10 @@ class ConvServe:
             self.remote = RemoteModel(model, self.config.batching.max_batch_size, self.config.ingress_group_wait_s)
         count_refusals_with(self.metrics.count_answer)  # 401/503/400 answered before a route
         shed_with(self.batcher.shed if self.batcher else None)  # as an overload starts (AdmissionGate.refused)
-        self._model_device = None if self.remote else self.predictor.device.type
+        # split: asked of the model deployment when first needed (model_runs_on)
+        self._model_runs_on = (
+            None if self.remote else {"device": self.predictor.device.type, "precision": self.predictor.precision}
+        )
         self._apply_batching(self.config.batching)
         fast_classify.answer_with(self.classify_raw)  # raw-body classify without FastAPI's routing
         self.ready = True
@@ -219,11 +222,16 @@ class ConvServe:
         if self.batcher is not None:
             await self.batcher.check_health()
 
+    async def model_runs_on(self) -> dict:
+        """Where and in what precision the forward pass runs: this replica's, or the model deployment's."""
+        if self._model_runs_on is None:
+            model = await self.remote.handle.describe.remote()
+            self._model_runs_on = {key: model[key] for key in ("device", "precision")}
+        return self._model_runs_on
+
     async def model_device(self) -> str:
-        """Where the forward pass runs: this replica's device, or the model deployment's."""
-        if self._model_device is None:
-            self._model_device = (await self.remote.handle.describe.remote())["device"]
-        return self._model_device
+        """Where the forward pass runs: "cpu" or "cuda"."""
+        return (await self.model_runs_on())["device"]
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -476,7 +484,7 @@ class ConvServe:
                 "layers": [info.to_dict() for info in b.layers],
                 "weights_sha256": b.weights_sha256,
                 "accuracy": {k: v for k, v in metrics.items() if "top1" in k},
-                "device": await self.model_device(),
+                **await self.model_runs_on(),  # device, precision
                 "topology": self.config.topology,
                 "batching": self.config.batching.model_dump(),
                 "admission_limit": admission_limit(),  # follows max_batch_size (service/middleware.py)

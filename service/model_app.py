@@ -87,6 +87,7 @@ class ConvModel:
         t = self.metrics.totals
         return {
             "device": self.batcher.predictor.device.type,
+            "precision": self.batcher.predictor.precision,
             "calls": self.calls,
             "items": self.items,
             "batches": t["batches"],

@@ -111,6 +111,11 @@ class BatchedPredictor:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # pick the fastest kernels per batch shape (warm-up does it)
 
+    @property
+    def precision(self) -> str:
+        """What the forward pass computes in: autocast's dtype, or float32."""
+        return str(self.amp_dtype or torch.float32).removeprefix("torch.")
+
     # --- the batch function -------------------------------------------------------------
 
     def predict(self, items: list[WorkItem]) -> list[ItemResult | ItemError]:

@@ -312,6 +312,8 @@ def test_model_health_and_docs(service, model_info, bundle):
     assert model_info["input_size"] == 32 and len(model_info["labels"]) == 10
     assert [layer["name"] for layer in model_info["layers"]] == ["stem", "stage1", "stage2", "stage3", "pool", "head"]
     assert model_info["accuracy"]["val_top1_shipped"] > 0.9
+    # the default precision: float32 on a CPU (cpu_amp_dtype off), bf16 autocast on CUDA
+    assert model_info["precision"] == ("bfloat16" if model_info["device"] == "cuda" else "float32")
     assert requests.get(service.base + "/healthz", timeout=10).json() == {"status": "ok"}
     assert requests.get(service.base + "/readyz", timeout=10).status_code == 200
     spec = requests.get(service.base + "/openapi.json", timeout=10).json()

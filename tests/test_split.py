@@ -67,6 +67,7 @@ def _multipart(images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
 def test_the_service_reports_the_split_topology_and_the_model_replica(service, model_info):  # noqa: F811
     assert model_info["topology"] == "split"
     assert model_info["device"] == "cpu"  # the model deployment's device, asked through the handle
+    assert model_info["precision"] == "float32"  # and its precision (cpu_amp_dtype off)
     replica = model_info["model_replica"]
     assert {"device", "calls", "items", "batches", "images"} <= set(replica)
 
