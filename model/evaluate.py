@@ -10,6 +10,7 @@ Uses the bundle's own preprocessing (`EvalPreset`), the same code the service ru
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -18,15 +19,22 @@ from torch import nn
 
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 500
+    model: nn.Module,
+    images: torch.Tensor,
+    device: torch.device | str = "cpu",
+    batch_size: int = 500,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Logits for normalised images [N, 3, S, S], in batches, in eval mode; returned on the CPU."""
+    """Logits for normalised images [N, 3, S, S], in batches, in eval mode; returned on the CPU.
+    `autocast_dtype`: compute in it, as the service does with `cpu_amp_dtype` / `amp_dtype`."""
     was_training = model.training
     model.eval()
     outs = []
+    device_type = torch.device(device).type
     for chunk in images.split(batch_size):
         chunk = chunk.to(device).contiguous(memory_format=torch.channels_last)
-        outs.append(model(chunk).float().cpu())
+        with torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext():
+            outs.append(model(chunk).float().cpu())
     model.train(was_training)
     return torch.cat(outs)
 
@@ -68,13 +76,21 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--data", required=True, help="ImageFolder directory or .tar/.tar.gz of one")
     p.add_argument("--confusion-png", default=None, help="write a confusion-matrix PNG here")
     p.add_argument("--batch-size", type=int, default=500, help="(default: %(default)s)")
+    p.add_argument(
+        "--cpu-amp-dtype",
+        choices=["off", "bf16"],
+        default="off",
+        help="compute in bf16 as the service does with cpu_amp_dtype bf16, and compare with float32 (default: off)",
+    )
     a = p.parse_args(argv)
 
     from model import DEFAULT_BUNDLE
 
     bundle = load_bundle(a.bundle or DEFAULT_BUNDLE, describe=False)
     data = load_image_folder(a.data, bundle.preprocess, classes=bundle.labels)
-    logits = predict_logits(bundle.model, bundle.preprocess.normalize(data.images), batch_size=a.batch_size)
+    images = bundle.preprocess.normalize(data.images)
+    autocast_dtype = torch.bfloat16 if a.cpu_amp_dtype == "bf16" else None
+    logits = predict_logits(bundle.model, images, batch_size=a.batch_size, autocast_dtype=autocast_dtype)
     predicted = logits.argmax(1)
     matrix = confusion_matrix(predicted, data.labels, len(bundle.labels))
     print(f"model {bundle.model_id} ({bundle.arch}) on {len(data.labels)} images from {a.data}")
@@ -86,6 +102,14 @@ def main(argv: list[str] | None = None) -> float:
         save_confusion_png(matrix, bundle.labels, a.confusion_png)
         print(f"confusion matrix written to {a.confusion_png}")
     top1 = accuracy(logits, data.labels)
+    if autocast_dtype is not None:
+        reference = predict_logits(bundle.model, images, batch_size=a.batch_size)
+        same = (logits.argmax(1) == reference.argmax(1)).float().mean().item()
+        moved = (logits.softmax(1) - reference.softmax(1)).abs().max().item()
+        print(
+            f"against float32: top1 {accuracy(reference, data.labels):.4f}, the same top-1 class for {same:.4f} "
+            f"of the images, largest score difference {moved:.4f}"
+        )
     print(f"top1: {top1:.4f}")
     return top1
 

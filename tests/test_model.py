@@ -569,6 +569,20 @@ def test_evaluate_cli_matches_in_process(shipped_accuracy):
     assert "on 200 images" in result.stdout
 
 
+def test_evaluate_in_bf16_compares_with_float32(shipped_accuracy, sample_dir, capsys):
+    """`--cpu-amp-dtype bf16` measures what the service computes with cpu_amp_dtype bf16, beside
+    the float32 reference (README, "CPU precision")."""
+    from model.evaluate import main
+
+    top1 = main(["--data", str(sample_dir), "--cpu-amp-dtype", "bf16"])
+    out = capsys.readouterr().out
+    match = re.search(r"against float32: top1 ([01]\.\d{4}), the same top-1 class for ([01]\.\d{4}) of the images", out)
+    assert match, out
+    assert match.group(1) == f"{shipped_accuracy:.4f}"  # the reference is the float32 path
+    assert float(match.group(2)) >= 0.97 and abs(top1 - shipped_accuracy) <= 0.03
+    assert out.strip().splitlines()[-1] == f"top1: {top1:.4f}"
+
+
 class _FixedSizeNet(torch.nn.Module):
     """A conv whose field (41 px) is wider than a 32 px image, then a head that only takes 32 x 32
     inputs: the larger probe describe_layers needs to see the whole field cannot run."""
