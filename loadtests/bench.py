@@ -146,7 +146,7 @@ def offline_limit(batch_sizes: list[int], seconds: float, lanes: int = 2) -> tup
         "single_image_latency_passes_ms": [round(v, 2) for v in single],
         "torch_threads": threads,
         "device": str(predictor.device),
-        "autocast": str(predictor.amp_dtype).replace("torch.", "") if predictor.amp_dtype else "float32",
+        "autocast": predictor.precision,
     }
     return figures, single_pass_ms
 

@@ -77,8 +77,8 @@ class ServeConfig(BaseModel):
     cpu_amp_dtype: Literal["bf16", "off"] = Field(
         "off",
         description="autocast dtype on a CPU; off = float32, the reference results. bf16 pays where the CPU "
-        "has bf16 units (AVX512-BF16, AMX): 1.3-1.4x the images/s served on the 2-core machine, top-1 0.920 "
-        "against 0.921 on the validation split (README, 'CPU precision')",
+        "has bf16 units (AVX512-BF16, AMX): 1.6x the images/s served at 128 connections on the 2-core machine, "
+        "top-1 0.920 against 0.921 on the validation split (README, 'CPU precision')",
     )
     channels_last: bool = True
     torch_threads: int | None = Field(

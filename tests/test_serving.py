@@ -591,3 +591,32 @@ def test_a_user_config_redeploy_reconfigures_the_running_replica(service, monkey
     assert after["admission_limit"] == 4 * 40  # admission_batches x the new max_batch_size
     # 40 images in one request join the batcher at once: one pass of 40 (before the update: 16)
     assert largest_batch_of_40(service) == 40
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="cpu_amp_dtype is the CPU's precision")
+def test_a_cpu_replica_asked_for_bf16_computes_in_bf16(bundle):
+    """`CONVSERVE_CPU_AMP_DTYPE=bf16` reaches a real replica (README, "CPU precision"): `/v1/model`
+    says bfloat16, and the scores served are the evaluate path's bf16 ones, not float32's."""
+    from model.data import load_image_folder
+
+    offline = load_image_folder(FIXTURES, bundle.preprocess, classes=bundle.labels)
+    picks = list(range(0, len(offline.paths), 7))  # 29 of the 200 files, every class
+    images = bundle.preprocess.normalize(offline.images[picks])
+    float32 = torch.softmax(predict_logits(bundle.model, images), dim=1)
+    bf16 = torch.softmax(predict_logits(bundle.model, images, autocast_dtype=torch.bfloat16), dim=1)
+    payload = {"images": [base64.b64encode((FIXTURES / offline.paths[i]).read_bytes()).decode() for i in picks]}
+    svc = ServiceProcess("--replicas", "1", env={"CONVSERVE_CPU_AMP_DTYPE": "bf16"}).start()
+    try:
+        info = requests.get(svc.base + "/v1/model", timeout=10).json()
+        resp = requests.post(svc.base + "/v1/classify", json={**payload, "top_k": 10}, timeout=60)
+    finally:
+        svc.stop()
+    assert (info["device"], info["precision"]) == ("cpu", "bfloat16")
+    served = torch.zeros(len(picks), 10)
+    for row, result in enumerate(resp.json()["results"]):
+        for p in result["predictions"]:
+            served[row, p["index"]] = p["score"]
+    to_bf16 = (served - bf16).abs().max().item()
+    to_float32 = (served - float32).abs().max().item()
+    assert to_bf16 < to_float32 / 2, (to_bf16, to_float32)
+    assert (served.argmax(1) == float32.argmax(1)).float().mean() >= 0.9
