@@ -612,6 +612,7 @@ def test_a_cpu_replica_asked_for_bf16_computes_in_bf16(bundle):
     finally:
         svc.stop()
     assert (info["device"], info["precision"]) == ("cpu", "bfloat16")
+    assert resp.status_code == 200, resp.text[:300]
     served = torch.zeros(len(picks), 10)
     for row, result in enumerate(resp.json()["results"]):
         for p in result["predictions"]:
