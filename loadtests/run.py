@@ -21,6 +21,7 @@ import argparse
 import csv
 import datetime as dt
 import os
+import random
 import re
 import signal
 import socket
@@ -94,11 +95,34 @@ def in_ray_ingress_range(port: int) -> bool:
     return any(port in r for r in RAY_DIRECT_INGRESS_PORTS)
 
 
-def free_port() -> int:
-    """A free port outside Ray's direct-ingress ranges."""
+# Ports handed to a service come from below the kernel's ephemeral range (where a port asked for
+# as "any" comes from) and above Ray's worker ports (10002-19999): a port from the ephemeral range,
+# free when chosen, was taken by one of Ray's own processes before the service's gRPC proxy bound
+# it, some 20 s later ("Failed to bind to address [::]:37059", make test, 2026-12-03).
+CHOSEN_PORTS = range(20000, 30000)
+
+
+def ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):  # not Linux: Linux's default
+        return range(32768, 61000)
+
+
+def free_port(span: int = 0) -> int:
+    """A free port, outside the kernel's ephemeral range and Ray's direct-ingress ranges, with
+    room for `span` more above it in CHOSEN_PORTS (where the ephemeral range leaves none: any free
+    port outside Ray's ranges)."""
+    ephemeral = ephemeral_ports()
+    bases = CHOSEN_PORTS[: len(CHOSEN_PORTS) - span]
+    candidates = [p for p in bases if p not in ephemeral and p + span not in ephemeral]
     for _ in range(100):
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", random.choice(candidates) if candidates else 0))
+            except OSError:
+                continue
             port = s.getsockname()[1]
         if not in_ray_ingress_range(port):
             return port

@@ -24,7 +24,7 @@ def free_port_block(span: int = 1600) -> int:
     """A port p with p and the ports that follow it free: HAProxy's stats (p+404) and metrics
     (p+1101), Ray's fallback proxy (p+500, p+1500); service/server.py sets them."""
     for _ in range(50):
-        port = free_port()
+        port = free_port(span)
         if port + span > 65000 or any(in_ray_ingress_range(port + k) for k in (404, 500, 1101, 1500)):
             continue
         ok = True
